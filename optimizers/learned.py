@@ -1,0 +1,314 @@
+"""Per-parameter MLP learned optimizer of the AdafacMLPLOpt / small_fc_lopt family.
+
+For every parameter element the optimizer builds a feature vector from accumulators (momenta at three
+decays, an rms second moment, Adafactor row/column second moments) and time features, normalises each
+feature channel *per tensor* (``x * rsqrt(1e-5 + mean(x^2))``), and runs a small MLP with two outputs
+``(d, m)``. The learned step is ``d * exp(exp_mult * m) * step_mult`` (Metz et al. 2022; see
+``shared/REFERENCE.md``). An optional *nominal* Adam term with a meta-learned log learning rate is added:
+Harrison et al. 2022 show such a term keeps learned optimizers stable off-distribution, and it gives
+early generations a sane starting point (the untrained optimizer is Adam plus a small learned term).
+
+Everything is a pure function of ``(theta, grads, state, params)`` so it can be differentiated through,
+vmapped over a population axis, and used as the outer optimizer of meta-training.
+
+Bounds that hold by construction live here (not in the governor): gradients are sanitised and clipped
+before entering the accumulators, every feature is normalised, and the final per-element update is
+clamped to ``max_update``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from optimizers.tree import Params
+
+# Feature groups and the number of channels each contributes (with 3 momentum / 3 adafactor decays).
+FEATURE_GROUPS = (
+    "grad",  # g
+    "param",  # p
+    "momentum",  # m at each momentum decay
+    "rms",  # second moment v
+    "adam_dir",  # m * rsqrt(v + 1e-6) for each momentum decay
+    "rsqrt_rms",  # rsqrt(v + 1e-6)
+    "fac_grad",  # g * row_factor * col_factor, per adafactor decay
+    "row",  # row second-moment accumulator (broadcast), per adafactor decay
+    "col",  # column accumulator (broadcast)
+    "rsqrt_row",
+    "rsqrt_col",
+    "fac_mom",  # m * row_factor * col_factor
+)
+DEFAULT_TAUS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; raised before any work starts."""
+
+
+def _check_keys(cls: type, data: dict) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {unknown}; known keys: {sorted(known)}"
+        )
+
+
+@dataclass(frozen=True)
+class LOConfig:
+    """Architecture of the learned optimizer. Serialised as JSON beside its safetensors weights."""
+
+    hidden_width: int = 32
+    hidden_layers: int = 2
+    features: tuple[str, ...] = FEATURE_GROUPS
+    momentum_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    rms_decay: float = 0.999
+    adafactor_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    time_taus: tuple[float, ...] = DEFAULT_TAUS
+    exp_mult: float = 1e-3
+    step_mult: float = 1e-3
+    nominal: str = "adam"  # "adam" or "none"
+    nominal_lr: float = 1e-3  # initial value of the meta-learned nominal learning rate
+    output_init_scale: float = 0.01  # small: the untrained optimizer starts close to its nominal term
+    max_update: float = 1.0  # per-element clamp on |update|, a bound that holds by construction
+    grad_clip: float = 1e3  # VeLO clips incoming gradients to +-1000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(self.features))
+        object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
+        object.__setattr__(self, "adafactor_decays", tuple(self.adafactor_decays))
+        object.__setattr__(self, "time_taus", tuple(float(t) for t in self.time_taus))
+        bad = [f for f in self.features if f not in FEATURE_GROUPS]
+        if bad:
+            raise ConfigError(f"unknown feature group(s) {bad}; choose from {list(FEATURE_GROUPS)}")
+        if self.hidden_width < 1 or self.hidden_layers < 0:
+            raise ConfigError("hidden_width must be >= 1 and hidden_layers >= 0")
+        if self.nominal not in ("adam", "none"):
+            raise ConfigError(f"nominal must be 'adam' or 'none', got {self.nominal!r}")
+        for d in (*self.momentum_decays, *self.adafactor_decays, self.rms_decay):
+            if not 0.0 <= d < 1.0:
+                raise ConfigError(f"decays must lie in [0, 1), got {d}")
+        if not self.momentum_decays or not self.adafactor_decays:
+            raise ConfigError("need at least one momentum and one adafactor decay")
+        if self.max_update <= 0 or self.step_mult <= 0:
+            raise ConfigError("max_update and step_mult must be positive")
+
+    @property
+    def num_inputs(self) -> int:
+        nm, na = len(self.momentum_decays), len(self.adafactor_decays)
+        per = {
+            "grad": 1, "param": 1, "momentum": nm, "rms": 1, "adam_dir": nm, "rsqrt_rms": 1,
+            "fac_grad": na, "row": na, "col": na, "rsqrt_row": na, "rsqrt_col": na,
+            "fac_mom": min(nm, na),
+        }
+        return sum(per[f] for f in self.features) + len(self.time_taus)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LOConfig":
+        _check_keys(cls, data)
+        return cls(**data)
+
+
+def factored_dims(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
+    """The two largest dims (second largest, largest) of a rank>=2 shape, else None (Adafactor)."""
+    if len(shape) < 2:
+        return None
+    order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
+    return order[-2], order[-1]
+
+
+def _normalize(x: Tensor) -> Tensor:
+    """Per-tensor, per-channel second-moment normalisation; x has shape (n, channels)."""
+    return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
+
+
+class LearnedOptimizer:
+    """The architecture. ``bind(theta)`` returns a functional :class:`~optimizers.base.Optimizer`."""
+
+    def __init__(self, config: LOConfig | None = None):
+        self.config = config or LOConfig()
+
+    # ---- meta-parameters -------------------------------------------------------------------
+    def layer_sizes(self) -> list[int]:
+        c = self.config
+        return [c.num_inputs] + [c.hidden_width] * c.hidden_layers + [2]
+
+    def init_theta(self, generator: torch.Generator | int | None = None) -> Params:
+        if not isinstance(generator, torch.Generator):
+            generator = torch.Generator().manual_seed(0 if generator is None else int(generator))
+        sizes = self.layer_sizes()
+        theta: Params = {}
+        n_layers = len(sizes) - 1
+        for i in range(n_layers):
+            fan_in, fan_out = sizes[i], sizes[i + 1]
+            w = torch.randn(fan_in, fan_out, generator=generator) / math.sqrt(fan_in)
+            if i == n_layers - 1:
+                w = w * self.config.output_init_scale
+            theta[f"w{i}"] = w
+            theta[f"b{i}"] = torch.zeros(fan_out)
+        if self.config.nominal == "adam":
+            theta["nominal_log_lr"] = torch.tensor(math.log(self.config.nominal_lr))
+        return theta
+
+    def num_theta(self) -> int:
+        return sum(t.numel() for t in self.init_theta(0).values())
+
+    def bind(self, theta: Params) -> "BoundLearnedOptimizer":
+        return BoundLearnedOptimizer(self.config, theta)
+
+    def flops_per_element(self) -> int:
+        sizes = self.layer_sizes()
+        return sum(2 * a * b for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def state_floats_per_element(self) -> int:
+        c = self.config
+        return len(c.momentum_decays) + 1  # factored accumulators are O(rows + cols), not O(n)
+
+
+class BoundLearnedOptimizer:
+    """A learned optimizer bound to weights ``theta``: the same interface as Adam."""
+
+    def __init__(self, config: LOConfig, theta: Params):
+        self.config = config
+        self.theta = theta
+
+    # ---- state ------------------------------------------------------------------------------
+    def init(self, params: Params) -> dict:
+        c = self.config
+        nm, na = len(c.momentum_decays), len(c.adafactor_decays)
+        ref = next(iter(params.values()), None)
+        dtype = torch.float32 if ref is None or not ref.is_floating_point() else ref.dtype
+        dtype = torch.promote_types(dtype, torch.float32)  # state is kept in (at least) fp32
+        state: dict = {"step": torch.zeros((), dtype=dtype), "m": {}, "v": {}, "row": {}, "col": {}}
+        for k, p in params.items():
+            state["m"][k] = torch.zeros((nm, *p.shape), dtype=dtype, device=p.device)
+            state["v"][k] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            dims = factored_dims(p.shape)
+            if dims is None:
+                # rank < 2: a full second moment per adafactor decay plays both row and column roles
+                state["row"][k] = torch.zeros((na, *p.shape), dtype=dtype, device=p.device)
+            else:
+                a, b = dims
+                rshape = list(p.shape)
+                rshape[b] = 1
+                cshape = list(p.shape)
+                cshape[a] = 1
+                state["row"][k] = torch.zeros((na, *rshape), dtype=dtype, device=p.device)
+                state["col"][k] = torch.zeros((na, *cshape), dtype=dtype, device=p.device)
+        return state
+
+    # ---- step -------------------------------------------------------------------------------
+    def _accumulate(self, g: Tensor, p: Tensor, st: dict, k: str):
+        """Update one tensor's accumulators; returns the new accumulators and per-element features."""
+        c = self.config
+        shape = p.shape
+        md = torch.tensor(c.momentum_decays, dtype=g.dtype, device=g.device).reshape(-1, *[1] * g.dim())
+        ad = torch.tensor(c.adafactor_decays, dtype=g.dtype, device=g.device).reshape(-1, *[1] * g.dim())
+        m = md * st["m"][k] + (1 - md) * g
+        v = c.rms_decay * st["v"][k] + (1 - c.rms_decay) * g * g
+        dims = factored_dims(shape)
+        g2 = g * g + 1e-30
+        if dims is None:
+            row = ad * st["row"][k] + (1 - ad) * g2
+            col_new = None
+            row_b = row
+            col_b = row
+            fac = torch.rsqrt(row + 1e-9)
+        else:
+            a, b = dims
+            row = ad * st["row"][k] + (1 - ad) * g2.mean(dim=b, keepdim=True)
+            col_new = ad * st["col"][k] + (1 - ad) * g2.mean(dim=a, keepdim=True)
+            # +1 on every dim index: axis 0 of the accumulators is the decay axis
+            row_mean = row.mean(dim=a + 1, keepdim=True)
+            row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
+            col_factor = torch.rsqrt(torch.clamp(col_new, min=1e-9))
+            fac = row_factor * col_factor
+            row_b = row.expand(len(c.adafactor_decays), *shape)
+            col_b = col_new.expand(len(c.adafactor_decays), *shape)
+        new_acc = {"m": m, "v": v, "row": row, "col": col_new}
+        feats: list[Tensor] = []
+        nmf = min(len(c.momentum_decays), len(c.adafactor_decays))
+        for name in c.features:
+            if name == "grad":
+                feats.append(g.unsqueeze(0))
+            elif name == "param":
+                feats.append(p.to(g.dtype).unsqueeze(0))
+            elif name == "momentum":
+                feats.append(m)
+            elif name == "rms":
+                feats.append(v.unsqueeze(0))
+            elif name == "adam_dir":
+                feats.append(m * torch.rsqrt(v + 1e-6))
+            elif name == "rsqrt_rms":
+                feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
+            elif name == "fac_grad":
+                feats.append(g * fac)
+            elif name == "row":
+                feats.append(row_b)
+            elif name == "col":
+                feats.append(col_b)
+            elif name == "rsqrt_row":
+                feats.append(torch.rsqrt(row_b + 1e-8))
+            elif name == "rsqrt_col":
+                feats.append(torch.rsqrt(col_b + 1e-8))
+            elif name == "fac_mom":
+                feats.append(m[:nmf] * fac[:nmf])
+        # (channels, *shape) -> (n, channels), then per-tensor normalisation
+        x = torch.cat(feats, dim=0).reshape(-1, p.numel()).transpose(0, 1)
+        return new_acc, _normalize(x), m[0], v
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        n_layers = self.config.hidden_layers + 1
+        h = x
+        for i in range(n_layers):
+            h = h @ self.theta[f"w{i}"].to(h.dtype) + self.theta[f"b{i}"].to(h.dtype)
+            if i < n_layers - 1:
+                h = F.relu(h)
+        return h
+
+    def update(self, grads: Params, state: dict, params: Params, *, loss: Tensor | None = None):
+        c = self.config
+        if not params:
+            return {}, {**state, "step": state["step"] + 1}
+        step = state["step"] + 1
+        new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
+        inputs, adam_terms, sizes = [], [], []
+        for k, p in params.items():
+            g = grads[k].to(state["v"][k].dtype)
+            # sanitise: NaN -> 0, +-inf -> clip; then clip (bounded features by construction)
+            g = torch.clamp(torch.nan_to_num(g, nan=0.0, posinf=c.grad_clip, neginf=-c.grad_clip),
+                            -c.grad_clip, c.grad_clip)
+            acc, x, m0, v = self._accumulate(g, p, state, k)
+            new_state["m"][k], new_state["v"][k], new_state["row"][k] = acc["m"], acc["v"], acc["row"]
+            if acc["col"] is not None:
+                new_state["col"][k] = acc["col"]
+            inputs.append(x)
+            sizes.append(p.numel())
+            if c.nominal == "adam":
+                bc1 = 1 - c.momentum_decays[0] ** step
+                bc2 = 1 - c.rms_decay**step
+                adam_terms.append(((m0 / bc1) / (torch.sqrt(v / bc2) + 1e-8)).reshape(-1))
+        x = torch.cat(inputs, dim=0)
+        taus = torch.tensor(c.time_taus, dtype=x.dtype, device=x.device)
+        tfeat = torch.tanh(step.to(x.dtype) / taus - 1.0)
+        x = torch.cat([x, tfeat.expand(x.shape[0], -1)], dim=1)
+        out = self._mlp(x)
+        d, mag = out[:, 0], out[:, 1]
+        delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
+        if c.nominal == "adam":
+            lr = torch.exp(torch.clamp(self.theta["nominal_log_lr"], -20.0, 2.0))
+            delta = delta + lr * torch.cat(adam_terms)
+        delta = torch.clamp(delta, -c.max_update, c.max_update)
+        new_params = {}
+        for (k, p), piece in zip(params.items(), torch.split(delta, sizes)):
+            new_params[k] = p - piece.reshape(p.shape).to(p.dtype)
+        return new_params, new_state

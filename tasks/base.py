@@ -1,0 +1,188 @@
+"""Tasks, task families and task distributions with disjoint splits.
+
+A :class:`Task` is a *functional* training problem: ``init(generator) -> params`` and a pure
+``loss(params, batch)``, so that inner loops can be differentiated (``torch.func.grad``) and
+vmapped. A :class:`TaskFamily` samples JSON-able configurations and builds tasks from them; a config
+fully determines its task (including its seed), which is what lets a checkpoint name the tasks of a
+population and a resumed run rebuild them exactly.
+
+A :class:`TaskDistribution` mixes families and exposes three disjoint splits: ``meta_train`` (what
+meta-training sees), ``held_out`` (evaluation and, later, the governor's adoption decisions) and
+``test``. Disjointness holds by construction: the task seed of split ``s`` index ``i`` is
+``(base * 1_000_003 + i) * 3 + s``, so the seed's residue mod 3 names its split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from optimizers.tree import Params
+
+Batch = tuple[Tensor, ...]
+TaskConfig = dict[str, Any]
+SPLITS = ("meta_train", "held_out", "test")
+
+
+class TaskConfigError(ValueError):
+    """A task configuration that cannot be built."""
+
+
+def seeded(*parts: int | str) -> torch.Generator:
+    """A CPU generator seeded from any tuple of ints/strings (stable across processes and runs)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class Task(ABC):
+    """A training problem. ``loss`` must be a pure function of ``params`` and ``batch``."""
+
+    config: TaskConfig
+
+    @property
+    def name(self) -> str:
+        return self.config.get("family", type(self).__name__)
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("seed", 0))
+
+    @abstractmethod
+    def init(self, generator: torch.Generator) -> Params: ...
+
+    @abstractmethod
+    def loss(self, params: Params, batch: Batch) -> Tensor: ...
+
+    @abstractmethod
+    def sample_batch(self, split: str, generator: torch.Generator) -> Batch:
+        """One minibatch from ``split`` ("train" or "valid")."""
+
+    def full_batch(self, split: str) -> Batch:
+        """A fixed large batch for evaluation (whole split for small datasets)."""
+        return self.sample_batch(split, seeded("full", self.seed, split))
+
+    def batches(self, split: str, generator: torch.Generator) -> Iterator[Batch]:
+        while True:
+            yield self.sample_batch(split, generator)
+
+    @property
+    def max_loss(self) -> float:
+        """Loss value that counts as 'diverged'; used to clip meta-losses and map non-finite ones."""
+        return 10.0
+
+    def normalizer(self, loss: Tensor) -> Tensor:
+        """Clip the loss into ``[0, max_loss]`` and map NaN/inf to ``max_loss``."""
+        loss = torch.nan_to_num(loss, nan=self.max_loss, posinf=self.max_loss, neginf=self.max_loss)
+        return torch.clamp(loss, 0.0, self.max_loss)
+
+    def init_default(self) -> Params:
+        """The task's own initialisation (from its config seed)."""
+        return self.init(seeded("init", self.seed))
+
+
+class TaskFamily(ABC):
+    name: str
+
+    @abstractmethod
+    def sample(self, generator: torch.Generator) -> TaskConfig: ...
+
+    @abstractmethod
+    def build(self, config: TaskConfig) -> Task: ...
+
+
+FAMILIES: dict[str, Callable[[], TaskFamily]] = {}
+
+
+def register_family(name: str):
+    def deco(cls):
+        cls.name = name
+        FAMILIES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_task(config: TaskConfig) -> Task:
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise TaskConfigError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[family]().build(config)
+
+
+# ---- small sampling helpers ----------------------------------------------------------------
+def uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def log_uniform(g: torch.Generator, lo: float, hi: float) -> float:
+    return math.exp(uniform(g, math.log(lo), math.log(hi)))
+
+
+def log_int(g: torch.Generator, lo: int, hi: int) -> int:
+    return int(round(log_uniform(g, lo, hi)))
+
+
+def choice(g: torch.Generator, options: list | tuple):
+    return options[int(torch.randint(len(options), (), generator=g))]
+
+
+# ---- distributions -------------------------------------------------------------------------
+@dataclass
+class TaskDistribution:
+    """A weighted mixture of families with disjoint meta_train / held_out / test splits.
+
+    ``overrides`` are merged into every sampled config (e.g. ``{"dataset": "mnist"}``)."""
+
+    name: str
+    families: list[tuple[str, dict[str, Any], float]]  # (family name, family kwargs, weight)
+    seed: int = 0
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for fam, _, w in self.families:
+            if fam not in FAMILIES:
+                raise TaskConfigError(f"unknown task family {fam!r}; known: {sorted(FAMILIES)}")
+            if w <= 0:
+                raise TaskConfigError(f"family weight must be positive, got {w} for {fam}")
+
+    def task_seed(self, split: str, index: int) -> int:
+        if split not in SPLITS:
+            raise TaskConfigError(f"unknown split {split!r}; splits are {SPLITS}")
+        return (self.seed * 1_000_003 + int(index)) * 3 + SPLITS.index(split)
+
+    @staticmethod
+    def split_of_seed(seed: int) -> str:
+        return SPLITS[seed % 3]
+
+    def config(self, split: str, index: int) -> TaskConfig:
+        seed = self.task_seed(split, index)
+        g = seeded("task", seed)
+        weights = torch.tensor([w for _, _, w in self.families], dtype=torch.float64)
+        k = int(torch.multinomial(weights, 1, generator=g))
+        fam_name, fam_kwargs, _ = self.families[k]
+        cfg = FAMILIES[fam_name](**fam_kwargs).sample(g)
+        cfg.update(self.overrides)
+        cfg["family"] = fam_name
+        cfg["seed"] = seed
+        return cfg
+
+    def task(self, split: str, index: int) -> Task:
+        return build_task(self.config(split, index))
+
+    def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
+        return [self.task(split, i) for i in range(start, start + n)]
+
+    def digest(self) -> str:
+        """Content hash of the distribution (lineage records which distribution trained what)."""
+        blob = json.dumps(
+            {"name": self.name, "families": self.families, "seed": self.seed, "overrides": self.overrides},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -3,8 +3,9 @@
 from optimizers.base import LearnableOptimizer, Optimizer
 from optimizers.hand import SGD, Adam, adamw, sgd_momentum
 from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
+from optimizers.torch_optim import LearnedOptimizerTorch
 
 __all__ = [
     "Optimizer", "LearnableOptimizer", "SGD", "Adam", "adamw", "sgd_momentum",
-    "LearnedOptimizer", "LOConfig", "ConfigError",
+    "LearnedOptimizer", "LOConfig", "ConfigError", "LearnedOptimizerTorch",
 ]

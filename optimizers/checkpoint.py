@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
@@ -96,7 +95,7 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         )
     try:
         tensors = st_load(blob)
-    except (SafetensorsError, Exception) as e:  # noqa: BLE001 - any parse failure is corruption
+    except Exception as e:  # noqa: BLE001 - any parse failure is corruption
         raise CheckpointError(f"corrupt checkpoint: cannot parse {tensors_path}: {e}") from e
     return tensors, record.get("meta", {})
 
@@ -110,12 +109,15 @@ def save_learned_optimizer(path: str | Path, lopt, theta: dict[str, Tensor], **m
 
 def load_learned_optimizer(path: str | Path):
     """Returns ``(LearnedOptimizer, theta, meta)`` from a learned-optimizer or meta-training checkpoint."""
-    from optimizers.learned import LearnedOptimizer, LOConfig
+    from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
 
     tensors, meta = load(path)
     if "lo_config" not in meta:
         raise CheckpointError(f"checkpoint at {path} holds no learned optimizer (no 'lo_config')")
-    lopt = LearnedOptimizer(LOConfig.from_dict(meta["lo_config"]))
+    try:
+        lopt = LearnedOptimizer(LOConfig.from_dict(meta["lo_config"]))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"checkpoint at {path} has an invalid learned-optimizer config: {e}") from e
     theta = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("theta/")}
     expected = set(lopt.init_theta(0))
     if set(theta) != expected:

@@ -83,6 +83,17 @@ class LOConfig:
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
         object.__setattr__(self, "adafactor_decays", tuple(self.adafactor_decays))
         object.__setattr__(self, "time_taus", tuple(float(t) for t in self.time_taus))
+        for name in ("hidden_width", "hidden_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be an integer, got {v!r}")
+        for name in ("rms_decay", "exp_mult", "step_mult", "nominal_lr", "output_init_scale", "max_update",
+                     "grad_clip"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+        if not self.features:
+            raise ConfigError("features must name at least one feature group")
         bad = [f for f in self.features if f not in FEATURE_GROUPS]
         if bad:
             raise ConfigError(f"unknown feature group(s) {bad}; choose from {list(FEATURE_GROUPS)}")
@@ -124,6 +135,11 @@ def factored_dims(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None
         return None
     order = sorted(range(len(shape)), key=lambda i: (shape[i], i))
     return order[-2], order[-1]
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    """State is kept in (at least) fp32, per parameter: bf16 params get fp32 state, fp64 keep fp64."""
+    return torch.promote_types(p.dtype if p.is_floating_point() else torch.float32, torch.float32)
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -185,11 +201,11 @@ class BoundLearnedOptimizer:
     def init(self, params: Params) -> dict:
         c = self.config
         nm, na = len(c.momentum_decays), len(c.adafactor_decays)
-        ref = next(iter(params.values()), None)
-        dtype = torch.float32 if ref is None or not ref.is_floating_point() else ref.dtype
-        dtype = torch.promote_types(dtype, torch.float32)  # state is kept in (at least) fp32
-        state: dict = {"step": torch.zeros((), dtype=dtype), "m": {}, "v": {}, "row": {}, "col": {}}
+        dtypes = [_state_dtype(p) for p in params.values()]
+        step_dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
+        state: dict = {"step": torch.zeros((), dtype=step_dtype), "m": {}, "v": {}, "row": {}, "col": {}}
         for k, p in params.items():
+            dtype = _state_dtype(p)
             state["m"][k] = torch.zeros((nm, *p.shape), dtype=dtype, device=p.device)
             state["v"][k] = torch.zeros(p.shape, dtype=dtype, device=p.device)
             dims = factored_dims(p.shape)
@@ -263,7 +279,7 @@ class BoundLearnedOptimizer:
             elif name == "fac_mom":
                 feats.append(m[:nmf] * fac[:nmf])
         # (channels, *shape) -> (n, channels), then per-tensor normalisation
-        x = torch.cat(feats, dim=0).reshape(-1, p.numel()).transpose(0, 1)
+        x = torch.cat(feats, dim=0).reshape(self.config.num_inputs - len(c.time_taus), p.numel()).transpose(0, 1)
         return new_acc, _normalize(x), m[0], v
 
     def _mlp(self, x: Tensor) -> Tensor:

@@ -1,11 +1,16 @@
-"""Tasks, task families, task distributions (with held-out splits) and datasets."""
+"""Tasks, task families, task distributions (with held-out splits) and datasets.
+
+Families (registered in ``FAMILIES`` on import): ``image_mlp``, ``image_conv``, ``regression``,
+``quadratic``, ``tiny_transformer``.
+"""
 
 from tasks.base import (FAMILIES, SPLITS, Task, TaskConfigError, TaskDistribution, TaskFamily,
                         build_task, seeded)
-from tasks import image_mlp  # noqa: F401  (registers the family)
+from tasks import image_mlp, image_conv, quadratic, regression, tiny_transformer  # noqa: F401  (register)
+from tasks.data import LOADERS, DatasetError, get_dataset
 from tasks.distributions import DISTRIBUTIONS, get_distribution
 
 __all__ = [
     "FAMILIES", "SPLITS", "Task", "TaskFamily", "TaskDistribution", "TaskConfigError", "build_task",
-    "seeded", "DISTRIBUTIONS", "get_distribution",
+    "seeded", "DISTRIBUTIONS", "get_distribution", "LOADERS", "DatasetError", "get_dataset",
 ]

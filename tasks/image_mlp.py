@@ -1,4 +1,9 @@
-"""MLP classifiers on image data: the embedded default family."""
+"""MLP classifiers on image data: the embedded default family.
+
+:class:`ImageClassificationTask` holds what every image classifier shares (dataset loading from the
+config's ``dataset``/``data_root``/``image_size``/``max_examples`` keys, batching, the
+``1.5 * log(num_classes)`` loss cap); subclasses only define ``init`` and ``logits``.
+"""
 
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ class ImageClassificationTask(Task):
         self.config = dict(config)
         try:
             self.data = get_dataset(
-                config.get("dataset", "digits"), config.get("data_root"), config.get("image_size")
+                config.get("dataset", "digits"), config.get("data_root"), config.get("image_size"),
+                config.get("max_examples"),
             )
-        except TypeError as e:  # unhashable/odd config values
+        except (TypeError, ValueError) as e:  # unhashable/odd config values (DatasetError passes)
             raise TaskConfigError(f"bad dataset settings in {config}: {e}") from e
         self.batch_size = int(config.get("batch_size", 64))
         if self.batch_size < 1:

@@ -1,0 +1,335 @@
+"""Meta-gradient estimators over truncated unrolls of a persistent population of tasks.
+
+All three share one interface (:class:`Estimator`): ``init(theta) -> state`` creates the population
+(one *member* per task slot, each with its own task, inner parameters, optimizer state and position in
+its episode) and ``estimate(theta, state, step) -> (meta_grad, state, metrics)`` advances every member
+by one truncation and returns a meta-gradient estimate. Members persist across truncations and start a
+new episode (fresh task, fresh init) when theirs finishes; the first episode of each member has a
+random length so members are de-synchronised and truncations see every phase of training.
+
+* :class:`TruncatedBackprop` — exact gradient of the truncation's meta-loss (``torch.func.grad``
+  through the unroll); low variance, short-horizon biased.
+* :class:`TruncatedES` — antithetic ES over one truncation: ``(L+ - L-) / (2 sigma^2) * eps``, both
+  signs (and all pairs) in one vmapped unroll. Needs no backward pass.
+* :class:`PES` — persistent ES (Vicol et al. 2021): each pair keeps its own +/- inner states and the
+  running sum ``xi`` of its perturbations, giving an estimate that is unbiased across truncations;
+  ``xi`` resets when the member's episode ends.
+
+Sharding: every member's randomness (task, batches, perturbations) is derived from
+``(seed, member index, episode / step)``, never from a shared generator, and the estimate is
+``sum of member contributions / count``. A distributed version hands each rank a slice of
+``member_ids`` and all-reduces ``(sum, count)`` through :attr:`Estimator.reduce`; the maths is
+unchanged and the result does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from meta.unroll import META_LOSSES, autograd_grad_and_value, meta_term, unroll
+from optimizers.base import LearnableOptimizer
+from optimizers.tree import Params, all_finite, detach, tree_map
+from tasks.base import Task, TaskDistribution, build_task, seeded
+
+Tree = Any
+
+
+# ---- truncation schedules ------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConstantSchedule:
+    length: int
+
+    def sample(self, g: torch.Generator) -> int:
+        return self.length
+
+
+@dataclass(frozen=True)
+class LogUniformSchedule:
+    """Episode lengths log-uniform in [low, high] (learned_optimization's default for long horizons)."""
+
+    low: int
+    high: int
+
+    def sample(self, g: torch.Generator) -> int:
+        u = float(torch.rand((), generator=g))
+        return int(round(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))))
+
+
+# ---- population state ------------------------------------------------------------------------
+@dataclass
+class Member:
+    """One persistent task slot. ``params``/``opt_state`` carry a leading +/- axis for PES."""
+
+    task_config: dict
+    episode: int
+    t: int
+    length: int
+    params: Tree
+    opt_state: Tree
+    extra: dict = field(default_factory=dict)  # estimator-specific tensors (PES: "xi")
+    task: Task | None = None
+
+    def scalars(self) -> dict:
+        return {"task_config": self.task_config, "episode": self.episode, "t": self.t, "length": self.length}
+
+
+@dataclass
+class EstimatorState:
+    members: list[Member]
+    nonfinite: int = 0  # total inner-loop non-finite events caught (task restarted each time)
+    episodes_done: int = 0
+
+
+def _sum_trees(a: Tree | None, b: Tree) -> Tree:
+    return b if a is None else tree_map(torch.add, a, b)
+
+
+class Estimator:
+    """Base class: population bookkeeping, seeding, non-finite handling, reduction."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        lopt: LearnableOptimizer,
+        dist: TaskDistribution,
+        *,
+        population: int = 8,
+        truncation: int = 20,
+        schedule: ConstantSchedule | LogUniformSchedule = ConstantSchedule(200),
+        meta_loss: str = "log_train",
+        seed: int = 0,
+        split: str = "meta_train",
+        num_train_tasks: int | None = None,
+    ):
+        if meta_loss not in META_LOSSES:
+            raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
+        if population < 1 or truncation < 1:
+            raise ValueError("population and truncation must be >= 1")
+        self.lopt, self.dist = lopt, dist
+        self.population, self.truncation, self.schedule = population, truncation, schedule
+        self.meta_loss, self.seed, self.split = meta_loss, seed, split
+        # Finite pool of meta-training task indices (None: effectively unbounded).
+        self.num_train_tasks = num_train_tasks
+        # Hook for sharding: maps (sum of member gradients, member count) to global ones.
+        self.reduce: Callable[[Tree, int], tuple[Tree, int]] = lambda s, n: (s, n)
+
+    # -- members ----------------------------------------------------------------------------
+    def _task_index(self, member: int, episode: int) -> int:
+        idx = int(torch.randint(2**31 - 1, (), generator=seeded("task_index", self.seed, member, episode)))
+        return idx % self.num_train_tasks if self.num_train_tasks else idx
+
+    def _new_member(self, theta: Params, i: int, episode: int) -> Member:
+        cfg = self.dist.config(self.split, self._task_index(i, episode))
+        task = build_task(cfg)
+        g = seeded("episode", self.seed, i, episode)
+        length = max(1, self.schedule.sample(g))
+        if episode == 0:  # de-synchronise members: first episodes end at random times
+            length = int(torch.randint(min(self.truncation, length), length + 1, (), generator=g))
+        params = task.init(seeded("init", self.seed, i, episode))
+        opt_state = self.lopt.bind(theta).init(params)
+        m = Member(cfg, episode, 0, length, params, opt_state, task=task)
+        self._init_extra(theta, m)
+        return m
+
+    def _init_extra(self, theta: Params, m: Member) -> None:
+        """Estimator-specific per-member state (PES duplicates params into +/- copies)."""
+
+    def init(self, theta: Params) -> EstimatorState:
+        return EstimatorState([self._new_member(theta, i, 0) for i in range(self.population)])
+
+    def task_of(self, m: Member) -> Task:
+        if m.task is None:
+            m.task = build_task(m.task_config)
+        return m.task
+
+    def batches(self, i: int, m: Member, n: int) -> tuple[list, list | None]:
+        task = self.task_of(m)
+        train = [task.sample_batch("train", seeded("batch", self.seed, i, m.episode, m.t + k)) for k in range(n + 1)]
+        valid = None
+        if self.meta_loss.endswith("valid"):
+            valid = [task.sample_batch("valid", seeded("vbatch", self.seed, i, m.episode, m.t + k))
+                     for k in range(n + 1)]
+        return train, valid
+
+    def steps_this_truncation(self, m: Member) -> int:
+        return max(1, min(self.truncation, m.length - m.t))
+
+    def _advance(self, theta: Params, state: EstimatorState, i: int, n: int, finite: bool) -> None:
+        m = state.members[i]
+        m.t += n
+        if not finite:
+            state.nonfinite += 1
+        if not finite or m.t >= m.length:
+            state.episodes_done += 1
+            state.members[i] = self._new_member(theta, i, m.episode + 1)
+
+    # -- estimate ---------------------------------------------------------------------------
+    def member_estimate(self, theta: Params, state: EstimatorState, i: int, step: int
+                        ) -> tuple[Tree | None, dict]:
+        raise NotImplementedError
+
+    def estimate(self, theta: Params, state: EstimatorState, step: int,
+                 member_ids: list[int] | None = None) -> tuple[Params, EstimatorState, dict]:
+        theta = detach(theta)
+        total, count = None, 0
+        metas, inners = [], []
+        nonfinite_before = state.nonfinite
+        for i in member_ids if member_ids is not None else range(len(state.members)):
+            g, info = self.member_estimate(theta, state, i, step)
+            if info["meta_loss"] is not None:
+                metas.append(info["meta_loss"])
+                inners.append(info["inner_loss"])
+            if g is not None:
+                total, count = _sum_trees(total, g), count + 1
+        total, count = self.reduce(total if total is not None else tree_map(torch.zeros_like, theta), count)
+        grad = tree_map(lambda t: t / max(count, 1), total)
+        metrics = {
+            "meta_loss": float(sum(metas) / max(len(metas), 1)),
+            "inner_loss": float(sum(inners) / max(len(inners), 1)),
+            "members_used": count,
+            "nonfinite": state.nonfinite - nonfinite_before,
+            "episodes_done": state.episodes_done,
+        }
+        return grad, state, metrics
+
+
+class TruncatedBackprop(Estimator):
+    """Exact gradient of each truncation's meta-loss. ``engine="autograd"`` (default, faster on CPU,
+    see meta/unroll.py) or ``"func"`` (nested torch.func.grad); both give the same gradient."""
+
+    name = "tbptt"
+
+    def __init__(self, *a, engine: str = "autograd", **kw):
+        super().__init__(*a, **kw)
+        if engine not in ("autograd", "func"):
+            raise ValueError(f"engine must be 'autograd' or 'func', got {engine!r}")
+        self.engine = engine
+
+    def _grad(self, task, theta, m, train, valid):
+        if self.engine == "func":
+            def f(th):
+                return unroll(self.lopt, task, th, m.params, m.opt_state, train, self.meta_loss, valid)
+
+            return grad_and_value(f, has_aux=True)(theta)
+        leaves = {k: v.detach().requires_grad_() for k, v in theta.items()}
+        with torch.enable_grad():
+            ml, aux = unroll(self.lopt, task, leaves, m.params, m.opt_state, train, self.meta_loss, valid,
+                             grad_fn=autograd_grad_and_value)
+            grads = torch.autograd.grad(ml, list(leaves.values()), allow_unused=True)
+        g = {k: torch.zeros_like(v) if gi is None else gi for (k, v), gi in zip(leaves.items(), grads)}
+        return g, (ml.detach(), aux)
+
+    def member_estimate(self, theta, state, i, step):
+        m = state.members[i]
+        task = self.task_of(m)
+        n = self.steps_this_truncation(m)
+        train, valid = self.batches(i, m, n)
+        g, (ml, (params, opt_state, losses)) = self._grad(task, theta, m, train, valid)
+        finite = bool(torch.isfinite(ml)) and all_finite(params) and all_finite(g)
+        m.params, m.opt_state = detach(params), detach(opt_state)
+        self._advance(theta, state, i, n, finite)
+        if not finite:  # counted and restarted in _advance; contributes no gradient
+            return None, {"meta_loss": None, "inner_loss": None}
+        return g, {"meta_loss": float(ml), "inner_loss": float(losses[-1].detach())}
+
+
+class TruncatedES(Estimator):
+    """Antithetic ES; ``pairs`` perturbations per member, all 2*pairs unrolls in one vmapped call."""
+
+    name = "es"
+
+    def __init__(self, *a, sigma: float = 0.01, pairs: int = 1, **kw):
+        super().__init__(*a, **kw)
+        if sigma <= 0 or pairs < 1:
+            raise ValueError("sigma must be > 0 and pairs >= 1")
+        self.sigma, self.pairs = sigma, pairs
+
+    def _eps(self, theta: Params, step: int, i: int) -> Params:
+        g = seeded("eps", self.seed, step, i)
+        return {k: torch.randn((self.pairs, *v.shape), generator=g, dtype=v.dtype) * self.sigma
+                for k, v in sorted(theta.items())}
+
+    def _signed_thetas(self, theta: Params, eps: Params) -> Params:
+        return {k: torch.cat([theta[k] + eps[k], theta[k] - eps[k]]) for k in theta}
+
+    def _run(self, theta_pm, m: Member, train, valid, in_dims_state):
+        task = self.task_of(m)
+
+        def f(th, params, opt_state):
+            ml, (p, s, losses) = unroll(self.lopt, task, th, params, opt_state, train, self.meta_loss, valid)
+            return ml, p, s, losses[-1]
+
+        return vmap(f, in_dims=(0, in_dims_state, in_dims_state))(theta_pm, m.params, m.opt_state)
+
+    def _clean(self, task: Task, ml: Tensor) -> tuple[Tensor, bool]:
+        worst = meta_term(task, torch.tensor(float("inf")), self.meta_loss)
+        finite = bool(torch.isfinite(ml).all())
+        return torch.where(torch.isfinite(ml), ml, worst), finite
+
+    def _grad(self, ml: Tensor, direction: Params) -> Params:
+        diff = (ml[: self.pairs] - ml[self.pairs:]) / (2 * self.sigma**2)
+        return {k: torch.einsum("p,p...->...", diff, v) / self.pairs for k, v in direction.items()}
+
+    def member_estimate(self, theta, state, i, step):
+        m = state.members[i]
+        task = self.task_of(m)
+        n = self.steps_this_truncation(m)
+        train, valid = self.batches(i, m, n)
+        eps = self._eps(theta, step, i)
+        ml, params, opt_state, last = self._run(self._signed_thetas(theta, eps), m, train, valid, None)
+        ml, finite = self._clean(task, ml)
+        # the persistent trajectory continues along the first "+" member
+        m.params = tree_map(lambda t: t[0].detach(), params)
+        m.opt_state = tree_map(lambda t: t[0].detach(), opt_state)
+        finite = finite and all_finite(m.params)
+        self._advance(theta, state, i, n, finite)
+        return self._grad(ml, eps), {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean())}
+
+
+class PES(TruncatedES):
+    """Persistent evolution strategies: +/- inner states per pair and accumulated perturbations."""
+
+    name = "pes"
+
+    def _init_extra(self, theta, m):
+        two_p = 2 * self.pairs
+        m.params = tree_map(lambda t: t.unsqueeze(0).repeat(two_p, *[1] * t.dim()), m.params)
+        m.opt_state = tree_map(lambda t: t.unsqueeze(0).repeat(two_p, *[1] * t.dim()), m.opt_state)
+        m.extra = {"xi": {k: torch.zeros((self.pairs, *v.shape), dtype=v.dtype) for k, v in theta.items()}}
+
+    def member_estimate(self, theta, state, i, step):
+        m = state.members[i]
+        task = self.task_of(m)
+        n = self.steps_this_truncation(m)
+        train, valid = self.batches(i, m, n)
+        eps = self._eps(theta, step, i)
+        xi = {k: m.extra["xi"][k] + eps[k] for k in eps}
+        ml, params, opt_state, last = self._run(self._signed_thetas(theta, eps), m, train, valid, 0)
+        ml, finite = self._clean(task, ml)
+        m.params, m.opt_state = detach(params), detach(opt_state)
+        m.extra = {"xi": xi}
+        finite = finite and all_finite(m.params)
+        self._advance(theta, state, i, n, finite)
+        return self._grad(ml, xi), {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean())}
+
+
+ESTIMATORS = {"tbptt": TruncatedBackprop, "es": TruncatedES, "pes": PES}
+
+
+def clip_meta_grad(grad: Params, value: float | None = 3.0, norm: float | None = None) -> tuple[Params, float]:
+    """Value clipping (VeLO uses +-3) then optional global-norm clipping; returns the pre-clip norm."""
+    total = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad.values()))
+    if value:
+        grad = {k: torch.clamp(g, -value, value) for k, g in grad.items()}
+    if norm:
+        clipped = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grad.values()))
+        if clipped > norm:
+            grad = {k: g * (norm / clipped) for k, g in grad.items()}
+    return grad, total

@@ -1,0 +1,215 @@
+"""The meta-trainer: estimator + *any* functional outer optimizer, with atomic checkpoints and resume.
+
+One outer step: the estimator advances the task population by one truncation and returns a
+meta-gradient; it is clipped; the outer optimizer (Adam by default, or a learned optimizer bound to
+its weights: the recursion point of Ouroboros) updates ``theta`` through the same
+``update(grads, state, params)`` call every optimizer in the project answers.
+
+A checkpoint holds every tensor of the run (``theta``, the outer optimizer's state, each member's
+inner parameters / optimizer state / PES accumulators) plus JSON (configs, step, each member's task
+config and position). All randomness is derived from seeds and step/member indices, so there is no
+generator state to save and a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from meta.config import MetaConfig, RunConfig
+from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorState, LogUniformSchedule, clip_meta_grad
+from optimizers import checkpoint as ckpt
+from optimizers.base import Optimizer
+from optimizers.hand import Adam
+from optimizers.learned import LearnedOptimizer
+from optimizers.tree import Params, flatten, tree_map
+from tasks import get_distribution, seeded
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:
+    schedule = (ConstantSchedule(meta.horizon) if meta.schedule == "constant"
+                else LogUniformSchedule(meta.min_horizon, meta.max_horizon))
+    kw: dict[str, Any] = dict(population=meta.population, truncation=meta.truncation, schedule=schedule,
+                              meta_loss=meta.meta_loss, seed=meta.seed,
+                              num_train_tasks=meta.num_train_tasks or None)
+    if meta.estimator in ("es", "pes"):
+        kw.update(sigma=meta.sigma, pairs=meta.pairs)
+    return ESTIMATORS[meta.estimator](lopt, dist, **kw)
+
+
+def make_outer_optimizer(meta: MetaConfig) -> Optimizer:
+    """``adam`` or the path of a learned-optimizer checkpoint (that optimizer, bound, is the outer one)."""
+    if meta.outer_optimizer == "adam":
+        return Adam(lr=meta.outer_lr)
+    lopt, theta, _ = ckpt.load_learned_optimizer(meta.outer_optimizer)
+    return lopt.bind(theta)
+
+
+def _fill(template: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
+    """Rebuild a tree shaped like ``template`` from checkpoint tensors under ``prefix``."""
+    keys = flatten(template)
+    out = {}
+    for k, t in keys.items():
+        name = f"{prefix}/{k}" if k else prefix
+        if name not in flat:
+            raise ckpt.CheckpointError(f"checkpoint is missing tensor {name!r}")
+        if flat[name].shape != t.shape:
+            raise ckpt.CheckpointError(f"tensor {name!r}: shape {tuple(flat[name].shape)} != {tuple(t.shape)}")
+        out[k] = flat[name].to(t.dtype)
+    if list(out) == [""]:
+        return out[""]
+    from optimizers.tree import unflatten
+
+    # unflatten loses empty sub-dicts; graft the loaded leaves onto the template's structure
+    loaded = unflatten(out)
+
+    def graft(tmpl, new):
+        if isinstance(tmpl, torch.Tensor):
+            return new
+        return {k: graft(v, new[k]) if (isinstance(new, dict) and k in new) else v for k, v in tmpl.items()}
+
+    return graft(template, loaded)
+
+
+class MetaTrainer:
+    def __init__(self, cfg: RunConfig, outer: Optimizer | None = None, theta: Params | None = None):
+        self.cfg = cfg
+        self.lopt = LearnedOptimizer(cfg.lo)
+        self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
+        self.estimator = make_estimator(cfg.meta, self.lopt, self.dist)
+        self.outer = outer if outer is not None else make_outer_optimizer(cfg.meta)
+        self.theta: Params = theta if theta is not None else self.lopt.init_theta(seeded("theta", cfg.meta.seed))
+        self.theta0 = {k: v.clone() for k, v in self.theta.items()}
+        self.outer_state = self.outer.init(self.theta)
+        self.est_state: EstimatorState = self.estimator.init(self.theta)
+        self.step = 0
+        self.wandb_id: str | None = None
+
+    # ---- training ---------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        grad, self.est_state, metrics = self.estimator.estimate(self.theta, self.est_state, self.step)
+        grad, norm = clip_meta_grad(grad, self.cfg.meta.grad_clip_value or None, self.cfg.meta.grad_clip_norm or None)
+        self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta)
+        self.theta = {k: v.detach() for k, v in self.theta.items()}
+        self.step += 1
+        metrics.update(grad_norm=norm, step_time=time.perf_counter() - t0)
+        if "nominal_log_lr" in self.theta:
+            metrics["nominal_lr"] = float(self.theta["nominal_log_lr"].exp())
+        return metrics
+
+    def train(self, steps: int | None = None, *, progress: bool = True, logger=None,
+              checkpoint_every: int | None = None, should_stop: Callable[[], bool] = lambda: False) -> int:
+        """Run until ``steps`` outer steps in total (default: the config's). Returns the final step."""
+        from tqdm.auto import tqdm
+
+        total = self.cfg.meta.outer_steps if steps is None else steps
+        every = checkpoint_every or self.cfg.checkpoint_every
+        bar = tqdm(total=total, initial=self.step, desc="meta-train", disable=not progress, dynamic_ncols=True)
+        try:
+            while self.step < total and not should_stop():
+                m = self.train_step()
+                if logger is not None and self.step % self.cfg.log_every == 0:
+                    logger.log(m, self.step)
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{m['meta_loss']:.4f}", inner=f"{m['inner_loss']:.3f}")
+                if self.step % every == 0 or self.step == total:
+                    self.save()
+        finally:
+            bar.close()
+        return self.step
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.out_dir) / CHECKPOINT_DIR
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t: dict[str, torch.Tensor] = {f"theta/{k}": v for k, v in self.theta.items()}
+        t.update({f"theta0/{k}": v for k, v in self.theta0.items()})
+        for k, v in flatten(self.outer_state).items():
+            t[f"outer/{k}" if k else "outer"] = v
+        for i, m in enumerate(self.est_state.members):
+            for part in ("params", "opt_state", "extra"):
+                for k, v in flatten(getattr(m, part)).items():
+                    t[f"members/{i}/{part}/{k}"] = v
+        return t
+
+    def save(self, path: str | Path | None = None) -> Path:
+        meta = {
+            "kind": "meta_train",
+            "lo_config": self.cfg.lo.to_dict(),
+            "run_config": self.cfg.to_dict(),
+            "step": self.step,
+            "members": [m.scalars() for m in self.est_state.members],
+            "nonfinite": self.est_state.nonfinite,
+            "episodes_done": self.est_state.episodes_done,
+            "wandb_id": self.wandb_id,
+            "distribution_digest": self.dist.digest(),
+        }
+        return ckpt.save(path or self.checkpoint_path, self.state_tensors(), meta)
+
+    @classmethod
+    def load(cls, path: str | Path, cfg: RunConfig | None = None, outer: Optimizer | None = None) -> "MetaTrainer":
+        """Restore a trainer from a checkpoint (its own config unless ``cfg`` is given)."""
+        tensors, meta = ckpt.load(path)
+        if meta.get("kind") != "meta_train":
+            raise ckpt.CheckpointError(f"{path} is not a meta-training checkpoint (kind={meta.get('kind')!r})")
+        cfg = cfg or RunConfig.from_dict(meta["run_config"])
+        self = cls(cfg, outer=outer)
+        self.theta = _fill(self.theta, tensors, "theta")
+        self.theta0 = _fill(self.theta0, tensors, "theta0")
+        self.outer_state = _fill(self.outer.init(self.theta), tensors, "outer")
+        members = []
+        for i, sc in enumerate(meta["members"]):
+            m = self.estimator._new_member(self.theta, i, sc["episode"])
+            m.task_config, m.t, m.length, m.task = sc["task_config"], sc["t"], sc["length"], None
+            m.params = _fill(m.params, tensors, f"members/{i}/params")
+            m.opt_state = _fill(m.opt_state, tensors, f"members/{i}/opt_state")
+            if m.extra:
+                m.extra = _fill(m.extra, tensors, f"members/{i}/extra")
+            members.append(m)
+        self.est_state = EstimatorState(members, meta["nonfinite"], meta["episodes_done"])
+        self.step = int(meta["step"])
+        self.wandb_id = meta.get("wandb_id")
+        return self
+
+    def save_learned_optimizer(self, path: str | Path) -> Path:
+        return ckpt.save_learned_optimizer(path, self.lopt, self.theta, step=self.step,
+                                           distribution=self.cfg.meta.distribution,
+                                           horizon=self.cfg.meta.horizon)
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag so the run ends cleanly after the current step (then checkpoints)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\n[ouroboros] stopping after the current step (Ctrl-C again to abort)...", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def __call__(self) -> bool:
+        return self.stop

@@ -1,0 +1,284 @@
+#!/usr/bin/env python
+"""Ouroboros command line.
+
+    python train.py                       # default preset: meta-train, then evaluate (CPU, < 10 min)
+    python train.py meta-train --preset smoke --out-dir runs/smoke
+    python train.py meta-train --resume --out-dir runs/default      # continue an interrupted run
+    python train.py evaluate --checkpoint runs/default/checkpoint
+    python train.py presets               # list presets and their settings
+
+Every setting of the run config can be overridden: ``--meta.population 4``, ``--lo.hidden_width 16``,
+``--eval.num_tasks 10`` (see ``python train.py meta-train --help``), or loaded from a JSON file with
+``--config FILE``. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+PRESET_HELP = "named recipe: 'default' (the CPU run the README promises), 'smoke' (seconds, for tests)"
+
+
+def presets() -> dict[str, Any]:
+    from meta.config import EvalConfig, MetaConfig, RunConfig
+
+    default = RunConfig(
+        meta=MetaConfig(),
+        eval=EvalConfig(),
+        out_dir="runs/default",
+    )
+    smoke = RunConfig(
+        meta=MetaConfig(population=2, truncation=5, horizon=10, outer_steps=4),
+        eval=EvalConfig(num_tasks=2, long_factor=2),
+        out_dir="runs/smoke",
+        checkpoint_every=2,
+        wandb="disabled",
+    )
+    from optimizers.learned import LOConfig
+
+    smoke = replace(smoke, lo=LOConfig(hidden_width=8, hidden_layers=1))
+    return {"default": default, "smoke": smoke}
+
+
+# ---- argument parsing ---------------------------------------------------------------------------
+def _parse_value(text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+    if isinstance(default, tuple):
+        items = [t for t in text.split(",") if t.strip()]
+        kind = type(default[0]) if default else str
+        return tuple(kind(t.strip()) for t in items)
+    return type(default)(text)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from meta.config import SECTIONS, RunConfig
+
+    base = RunConfig()
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(f"{section} settings ({cls.__name__})")
+        obj = getattr(base, section)
+        for f in fields(cls):
+            default = getattr(obj, f.name)
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
+                               default=None, help=f"(default {shown})")
+    group = p.add_argument_group("run settings")
+    for f in fields(RunConfig):
+        if f.name in SECTIONS:
+            continue
+        flag = f.name.replace("_", "-")
+        default = getattr(base, f.name)
+        extra = {"choices": ["offline", "online", "disabled"]} if f.name == "wandb" else {}
+        group.add_argument(f"--{flag}", dest=f"cfg:{f.name}", metavar="V", default=None,
+                           help=f"(default {default})", **extra)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", help=PRESET_HELP)
+    p.add_argument("--config", type=Path, help="JSON file with a run config (same keys as 'presets' prints)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("run", help="meta-train then evaluate (what a bare 'python train.py' does)")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
+    _add_config_flags(p)
+
+    p = sub.add_parser("meta-train", help="meta-train a learned optimizer",
+                       description="Meta-train a learned optimizer on a task distribution; checkpoints "
+                                   "to OUT_DIR/checkpoint, metrics to OUT_DIR/metrics.jsonl (+ W&B).")
+    _common(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
+    _add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="compare a learned optimizer with tuned Adam on held-out tasks",
+                       description="Evaluate a learned-optimizer (or meta-training) checkpoint against Adam "
+                                   "tuned on a learning-rate grid, SGD-momentum and the untrained learned "
+                                   "optimizer, at the meta-training horizon and at long_factor x that.")
+    _common(p)
+    p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default OUT_DIR/checkpoint)")
+    _add_config_flags(p)
+
+    sub.add_parser("presets", help="print the presets as JSON")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace):
+    from meta.config import RunConfig, apply_overrides
+    from optimizers.learned import ConfigError
+
+    table = presets()
+    if args.preset not in table:
+        raise ConfigError(f"unknown preset {args.preset!r}; presets: {sorted(table)}")
+    cfg = table[args.preset]
+    if args.config:
+        if not args.config.is_file():
+            raise ConfigError(f"config file {args.config} does not exist")
+        try:
+            data = json.loads(args.config.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {args.config} is not valid JSON: {e}") from e
+        cfg = RunConfig.from_dict({**cfg.to_dict(), **data} if isinstance(data, dict) else data)
+    overrides: dict[str, Any] = {}
+    for key, text in vars(args).items():
+        if not key.startswith("cfg:") or text is None:
+            continue
+        name = key[4:]
+        if "." in name:
+            section, field_name = name.split(".", 1)
+            default = getattr(getattr(cfg, section), field_name)
+        else:
+            default = getattr(cfg, name)
+        try:
+            overrides[name] = _parse_value(text, default)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ConfigError(f"bad value for --{name}: {e}") from e
+    return apply_overrides(cfg, overrides)
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def _setup_threads(cfg) -> None:
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
+    """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently."""
+    from meta.logging import MetricsLogger
+    from meta.trainer import MetaTrainer, StopFlag
+    from optimizers import checkpoint as ckpt
+    from optimizers.learned import ConfigError
+
+    out = Path(cfg.out_dir)
+    path = out / "checkpoint"
+    if resume:
+        if not ckpt.exists(path):
+            raise ConfigError(f"--resume: no checkpoint at {path} (nothing to resume)")
+        trainer = MetaTrainer.load(path, cfg)
+        print(f"[ouroboros] resumed from {path} at step {trainer.step}/{cfg.meta.outer_steps}", flush=True)
+    else:
+        if ckpt.exists(path) and not overwrite:
+            raise ConfigError(f"{path} already holds a run: pass --resume to continue it, --overwrite to "
+                              f"start over, or --out-dir for a new run")
+        trainer = MetaTrainer(cfg)
+    logger = MetricsLogger(out, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
+                           name=out.name, resume_id=trainer.wandb_id)
+    trainer.wandb_id = logger.wandb_id
+    if resume:
+        logger.truncate_after(trainer.step)
+    else:
+        logger.path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    print(f"[ouroboros] meta-training a learned optimizer ({trainer.lopt.num_theta()} weights) on "
+          f"'{cfg.meta.distribution}' with {cfg.meta.estimator}, population {cfg.meta.population}, "
+          f"horizon {cfg.meta.horizon}, truncation {cfg.meta.truncation}; outer optimizer "
+          f"{cfg.meta.outer_optimizer}", flush=True)
+    t0 = time.time()
+    with StopFlag() as stop:
+        trainer.train(progress=progress, logger=logger, should_stop=stop)
+    trainer.save()
+    lo_path = trainer.save_learned_optimizer(out / "learned_optimizer")
+    logger.log_artifact(lo_path, name=f"lopt-{out.name}", aliases=["latest"])
+    logger.finish()
+    done = trainer.step >= cfg.meta.outer_steps
+    print(f"[ouroboros] {'finished' if done else 'stopped'} at step {trainer.step} in {time.time() - t0:.0f}s; "
+          f"checkpoint {path}, learned optimizer {lo_path}", flush=True)
+    return trainer
+
+
+def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True) -> dict:
+    import torch
+
+    from meta.evaluate import evaluate, write_report
+    from optimizers import checkpoint as ckpt
+    from optimizers.hand import Adam
+    from optimizers.learned import LearnedOptimizer
+    from tasks import get_distribution, seeded
+
+    path = Path(checkpoint) if checkpoint else Path(cfg.out_dir) / "checkpoint"
+    lopt, theta, meta = ckpt.load_learned_optimizer(path)
+    tensors, _ = ckpt.load(path)
+    theta0 = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("theta0/")}
+    if not theta0:
+        theta0 = lopt.init_theta(seeded("theta", cfg.meta.seed))
+    run_cfg = meta.get("run_config", {}).get("meta", {})
+    dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
+                            run_cfg.get("dist_seed", cfg.meta.dist_seed))
+    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    optimizers = {"learned": lopt.bind(theta), "learned_untrained": lopt.bind(theta0)}
+    print(f"[ouroboros] evaluating {path} on {cfg.eval.num_tasks} '{cfg.eval.split}' tasks of "
+          f"'{dist.name}' at {horizon} and {horizon * cfg.eval.long_factor} steps", flush=True)
+    t0 = time.time()
+    with torch.no_grad():
+        results = evaluate(optimizers, dist, split=cfg.eval.split, num_tasks=cfg.eval.num_tasks,
+                           horizon=horizon, long_horizon=horizon * cfg.eval.long_factor,
+                           adam_lrs=cfg.eval.adam_lrs, sgdm_lrs=cfg.eval.sgdm_lrs, seed=cfg.eval.seed,
+                           progress=progress)
+    results["checkpoint"] = str(path)
+    results["eval_seconds"] = time.time() - t0
+    out = Path(cfg.out_dir) / "eval"
+    write_report(results, out)
+    print((out / "results.md").read_text())
+    print(f"[ouroboros] wrote {out}/results.json, results.md, curves.png in {time.time() - t0:.0f}s", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from optimizers.learned import ConfigError
+    from optimizers.checkpoint import CheckpointError
+    from tasks.base import TaskConfigError
+    from tasks.data import DatasetError
+
+    try:
+        if args.command == "presets":
+            print(json.dumps({k: v.to_dict() for k, v in presets().items()}, indent=2))
+            return 0
+        cfg = resolve_config(args)
+        _setup_threads(cfg)
+        progress = not args.quiet
+        if args.command in ("run", "meta-train"):
+            # validate the task distribution before any work starts (e.g. a missing dataset directory)
+            from tasks import get_distribution
+            get_distribution(cfg.meta.distribution, cfg.meta.dist_seed).task("held_out", 0)
+            trainer = meta_train(cfg, resume=args.resume, overwrite=args.overwrite, progress=progress)
+            if args.command == "run" and trainer.step >= cfg.meta.outer_steps:
+                evaluate_checkpoint(cfg, trainer.checkpoint_path, progress=progress)
+        elif args.command == "evaluate":
+            evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
+    except (ConfigError, CheckpointError, TaskConfigError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

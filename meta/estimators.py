@@ -107,6 +107,7 @@ class Estimator:
         seed: int = 0,
         split: str = "meta_train",
         num_train_tasks: int | None = None,
+        desync: bool = True,
     ):
         if meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
@@ -117,6 +118,7 @@ class Estimator:
         self.meta_loss, self.seed, self.split = meta_loss, seed, split
         # Finite pool of meta-training task indices (None: effectively unbounded).
         self.num_train_tasks = num_train_tasks
+        self.desync = desync
         # Hook for sharding: maps (sum of member gradients, member count) to global ones.
         self.reduce: Callable[[Tree, int], tuple[Tree, int]] = lambda s, n: (s, n)
 
@@ -130,7 +132,7 @@ class Estimator:
         task = build_task(cfg)
         g = seeded("episode", self.seed, i, episode)
         length = max(1, self.schedule.sample(g))
-        if episode == 0:  # de-synchronise members: first episodes end at random times
+        if episode == 0 and self.desync:  # de-synchronise members: first episodes end at random times
             length = int(torch.randint(min(self.truncation, length), length + 1, (), generator=g))
         params = task.init(seeded("init", self.seed, i, episode))
         opt_state = self.lopt.bind(theta).init(params)
@@ -232,7 +234,8 @@ class TruncatedBackprop(Estimator):
         n = self.steps_this_truncation(m)
         train, valid = self.batches(i, m, n)
         g, (ml, (params, opt_state, losses)) = self._grad(task, theta, m, train, valid)
-        finite = bool(torch.isfinite(ml)) and all_finite(params) and all_finite(g)
+        finite = (bool(torch.isfinite(ml)) and bool(torch.isfinite(losses).all()) and all_finite(params)
+                  and all_finite(g))
         m.params, m.opt_state = detach(params), detach(opt_state)
         self._advance(theta, state, i, n, finite)
         if not finite:  # counted and restarted in _advance; contributes no gradient
@@ -264,13 +267,15 @@ class TruncatedES(Estimator):
 
         def f(th, params, opt_state):
             ml, (p, s, losses) = unroll(self.lopt, task, th, params, opt_state, train, self.meta_loss, valid)
-            return ml, p, s, losses[-1]
+            return ml, p, s, losses
 
         return vmap(f, in_dims=(0, in_dims_state, in_dims_state))(theta_pm, m.params, m.opt_state)
 
-    def _clean(self, task: Task, ml: Tensor) -> tuple[Tensor, bool]:
+    def _clean(self, task: Task, ml: Tensor, losses: Tensor) -> tuple[Tensor, bool]:
+        """Map non-finite meta-losses to the worst value; report whether the raw inner losses were
+        all finite (the normaliser hides NaN losses from the meta-loss, not from this check)."""
         worst = meta_term(task, torch.tensor(float("inf")), self.meta_loss)
-        finite = bool(torch.isfinite(ml).all())
+        finite = bool(torch.isfinite(ml).all()) and bool(torch.isfinite(losses).all())
         return torch.where(torch.isfinite(ml), ml, worst), finite
 
     def _grad(self, ml: Tensor, direction: Params) -> Params:
@@ -283,14 +288,14 @@ class TruncatedES(Estimator):
         n = self.steps_this_truncation(m)
         train, valid = self.batches(i, m, n)
         eps = self._eps(theta, step, i)
-        ml, params, opt_state, last = self._run(self._signed_thetas(theta, eps), m, train, valid, None)
-        ml, finite = self._clean(task, ml)
+        ml, params, opt_state, losses = self._run(self._signed_thetas(theta, eps), m, train, valid, None)
+        ml, finite = self._clean(task, ml, losses)
         # the persistent trajectory continues along the first "+" member
         m.params = tree_map(lambda t: t[0].detach(), params)
         m.opt_state = tree_map(lambda t: t[0].detach(), opt_state)
         finite = finite and all_finite(m.params)
         self._advance(theta, state, i, n, finite)
-        return self._grad(ml, eps), {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean())}
+        return self._grad(ml, eps), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
 
 
 class PES(TruncatedES):
@@ -311,13 +316,13 @@ class PES(TruncatedES):
         train, valid = self.batches(i, m, n)
         eps = self._eps(theta, step, i)
         xi = {k: m.extra["xi"][k] + eps[k] for k in eps}
-        ml, params, opt_state, last = self._run(self._signed_thetas(theta, eps), m, train, valid, 0)
-        ml, finite = self._clean(task, ml)
+        ml, params, opt_state, losses = self._run(self._signed_thetas(theta, eps), m, train, valid, 0)
+        ml, finite = self._clean(task, ml, losses)
         m.params, m.opt_state = detach(params), detach(opt_state)
         m.extra = {"xi": xi}
         finite = finite and all_finite(m.params)
         self._advance(theta, state, i, n, finite)
-        return self._grad(ml, xi), {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean())}
+        return self._grad(ml, xi), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
 
 
 ESTIMATORS = {"tbptt": TruncatedBackprop, "es": TruncatedES, "pes": PES}

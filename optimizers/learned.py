@@ -7,6 +7,10 @@ feature channel *per tensor* (``x * rsqrt(1e-5 + mean(x^2))``), and runs a small
 ``shared/REFERENCE.md``). An optional *nominal* Adam term with a meta-learned log learning rate is added:
 Harrison et al. 2022 show such a term keeps learned optimizers stable off-distribution, and it gives
 early generations a sane starting point (the untrained optimizer is Adam plus a small learned term).
+Its learning rate may follow a learned schedule, ``log lr(t) = log lr + w . tanh(t / tau - 1)`` over
+the same time features the MLP sees (``w = 0`` at init): a task-independent optimizer's clearest edge
+over Adam tuned per task with a constant learning rate is *when* it takes large and small steps, and
+11 weights learn that far faster than the MLP can.
 
 Everything is a pure function of ``(theta, grads, state, params)`` so it can be differentiated through,
 vmapped over a population axis, and used as the outer optimizer of meta-training.
@@ -73,7 +77,9 @@ class LOConfig:
     exp_mult: float = 1e-3
     step_mult: float = 1e-3
     nominal: str = "adam"  # "adam" or "none"
-    nominal_lr: float = 1e-3  # initial value of the meta-learned nominal learning rate
+    nominal_lr: float = 1e-2  # initial value of the meta-learned nominal learning rate
+    # learn a schedule for the nominal term: log lr(t) = log nominal_lr + w . time_features(t), w = 0 at init
+    nominal_schedule: bool = True
     output_init_scale: float = 0.01  # small: the untrained optimizer starts close to its nominal term
     max_update: float = 1.0  # per-element clamp on |update|, a bound that holds by construction
     grad_clip: float = 1e3  # VeLO clips incoming gradients to +-1000
@@ -173,6 +179,8 @@ class LearnedOptimizer:
             theta[f"b{i}"] = torch.zeros(fan_out)
         if self.config.nominal == "adam":
             theta["nominal_log_lr"] = torch.tensor(math.log(self.config.nominal_lr))
+            if self.config.nominal_schedule:
+                theta["nominal_time_w"] = torch.zeros(len(self.config.time_taus))
         return theta
 
     def num_theta(self) -> int:
@@ -321,7 +329,10 @@ class BoundLearnedOptimizer:
         d, mag = out[:, 0], out[:, 1]
         delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
         if c.nominal == "adam":
-            lr = torch.exp(torch.clamp(self.theta["nominal_log_lr"], -20.0, 2.0))
+            log_lr = self.theta["nominal_log_lr"]
+            if c.nominal_schedule:
+                log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
+            lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
             delta = delta + lr * torch.cat(adam_terms)
         delta = torch.clamp(delta, -c.max_update, c.max_update)
         new_params = {}

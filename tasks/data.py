@@ -191,7 +191,12 @@ def resolve_root(root: str | Path | None, dataset: str = "this dataset") -> Path
         root = env
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DatasetError(f"data directory {path} does not exist or is not a directory")
+        raise DatasetError(
+            f"{dataset}: data directory {path} does not exist or is not a directory; expected a directory "
+            f"containing mnist/, fashion_mnist/ or cifar10/ with the original files (IDX files such as "
+            f"train-images-idx3-ubyte[.gz] for MNIST / Fashion-MNIST, data_batch_1.bin .. test_batch.bin "
+            f"for CIFAR-10)"
+        )
     return path
 
 

@@ -1,0 +1,99 @@
+"""Check the *compiled* Triton step against the PyTorch reference on a CUDA device.
+
+    python -m kernels.check_lo_step            # exit 0: all cases agree, 1: a mismatch, 2: no CUDA
+
+Runs in its own process on purpose: ``tests/test_kernels.py`` switches its process to the Triton
+interpreter, so ``tests/test_kernels_cuda.py`` calls this script in a subprocess. Cases: the default and
+a learned-term-dominated config; 0-d / 1-d / 2-d / 3-d / 4-d and odd shapes, tensors spanning many
+chunks and reduction segments at the default tile sizes, a non-contiguous tensor, bf16 parameters;
+``tl.dot`` precision ``ieee`` (tight) and ``tf32`` (loose). Prints one JSON line per case.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kernels.lo_step_reference import lo_step_reference  # noqa: E402
+from optimizers.learned import LearnedOptimizer, LOConfig  # noqa: E402
+
+SHAPES = {
+    "scalar": (), "bias": (7,), "odd": (1001,), "w": (257, 129), "tall": (3000, 5), "row1": (1, 77),
+    "w3": (6, 2, 50), "conv": (64, 32, 3, 3), "big": (1024, 1536), "vec": (70001,),
+}
+# relative to the tensor's largest update (beyond one ulp of p and of delta); state: elementwise relative
+TOL = {"ieee": 2e-4, "tf32": 2e-2}
+STATE_RTOL = 1e-4
+
+
+def run_case(cfg: LOConfig, precision: str, pdtype: torch.dtype, noncontig: bool, seed: int = 0, *,
+             device: str = "cuda", shapes: dict = SHAPES, lt=None, blocks=None) -> dict:
+    if lt is None:
+        from kernels import lo_step_triton as lt
+    blocks = blocks or lt.DEFAULT_BLOCKS
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    lo = LearnedOptimizer(cfg)
+    theta = {k: v.to(dev) for k, v in lo.init_theta(seed + 1).items()}
+    params = {k: (torch.randn(s, generator=gen, device=dev) * 0.05).to(pdtype) for k, s in shapes.items()}
+    state = lo.bind(theta).init(params)
+    worst, sworst = 0.0, 0.0
+    for _ in range(3):
+        grads = {k: (torch.randn(p.shape, generator=gen, device=dev) * 2).to(pdtype) for k, p in params.items()}
+        grads["bias"][0] = float("nan")
+        ref_p, ref_s = lo_step_reference(params, grads, state, theta, cfg)
+        p_in, g_in = params, grads
+        if noncontig:
+            p_in = dict(params)
+            p_in["big"] = params["big"].t().contiguous().t()
+            g_in = dict(grads)
+            g_in["w"] = torch.empty(grads["w"].shape[::-1], device=dev, dtype=pdtype).t().copy_(grads["w"])
+        got_p, got_s = lt.lo_step(p_in, g_in, state, theta, cfg, precision=precision, blocks=blocks)
+        for k in params:
+            step = (ref_p[k].double() - params[k].double()).abs()
+            err = (got_p[k].double() - ref_p[k].double()).abs()
+            # one ulp of p (rounding of p - delta) and of delta (the reference casts delta to p's dtype)
+            ulp = torch.finfo(pdtype).eps * (ref_p[k].double().abs() + step)
+            if step.numel():
+                rel = ((err - ulp).clamp(min=0) / max(step.amax().item(), 1e-30)).amax().item()
+                worst = max(worst, rel)
+        for key in ("m", "v", "row", "col"):
+            for k, ref in ref_s[key].items():
+                if ref.numel():
+                    r = ((got_s[key][k] - ref).abs() / (ref.abs() + 1e-30)).amax().item()
+                    sworst = max(sworst, r)
+        params, state = ref_p, ref_s
+    ok = worst <= TOL[precision] and sworst <= STATE_RTOL
+    return {"ok": ok, "max_update_err_rel_to_step": worst, "max_state_rel_err": sworst}
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("check_lo_step: no CUDA device; nothing checked", file=sys.stderr)
+        return 2
+    cases = []
+    for cname, cfg in (("default", LOConfig()), ("learned", LOConfig(nominal="none", output_init_scale=1.0))):
+        for prec in ("ieee", "tf32"):
+            cases.append((cname, cfg, prec, torch.float32, False))
+    cases.append(("learned-noncontig", LOConfig(nominal="none", output_init_scale=1.0), "ieee", torch.float32, True))
+    cases.append(("learned-bf16", LOConfig(nominal="none", output_init_scale=1.0), "ieee", torch.bfloat16, False))
+    failed = 0
+    for name, cfg, prec, dt, nc in cases:
+        try:
+            res = run_case(cfg, prec, dt, nc)
+        except Exception as e:  # report every case
+            res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+        failed += not res["ok"]
+        print(json.dumps({"case": name, "precision": prec, "dtype": str(dt), **res}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

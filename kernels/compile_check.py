@@ -1,0 +1,121 @@
+"""Compile every Triton kernel of the fused step for an NVIDIA target, without a GPU.
+
+    python -m kernels.compile_check [--arch 90] [--ptxas-info]
+
+The CPU interpreter (``tests/test_kernels.py``) checks the kernels' numbers but not that they compile:
+the real compiler rejects things the interpreter accepts. ``triton.compile`` runs the whole pipeline
+(frontend, TTIR/TTGIR passes, LLVM, ptxas from the triton wheel) for a ``GPUTarget`` with no device
+present. ``--ptxas-info`` additionally reports registers and spills of each variant (needs a ptxas
+that accepts the PTX version triton emits; the wheel ships one or two).
+
+Exit status 0 when every variant compiled, 1 when one failed, 3 when this triton's ahead-of-time API
+is not the one used here (nothing was checked). Must run in a process without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+POINTERS = {
+    "chunk_tab": "*i32", "task_tab": "*i32", "ptr_tab": "*i64", "meta_tab": "*i64", "desc_tab": "*i64",
+    "part_ptr": "*fp32", "scale_ptr": "*fp32", "sc_ptr": "*fp32", "w0_ptr": "*fp32", "b0_ptr": "*fp32",
+    "wm_ptr": "*fp32", "bm_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32", "rf_ptr": "*fp32",
+}
+
+
+def variants(lt):
+    """(name, kernel, constexprs, num_warps) for the launches ``lo_step`` makes, default and edge."""
+    b = lt.DEFAULT_BLOCKS
+    elem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, ALIGNED=True, BLOCK=b.block, CHUNK=b.chunk)
+    mlp = dict(H=32, NUM_MID=1, NOMINAL=True, RELOAD=b.reload_vectors)
+    odd = dict(NM=2, NA=1, P_KIND=1, G_KIND=1, ALIGNED=False, BLOCK=32, CHUNK=64)
+    out = []
+    for prec in lt.PRECISIONS:
+        out.append((f"main[{prec}]", lt._main_kernel, {**elem, **mlp, "PREC": prec}, b.num_warps))
+    out += [
+        ("main[bf16,NM2,NA1,3 layers,h16]", lt._main_kernel,
+         {**odd, "H": 16, "NUM_MID": 2, "NOMINAL": False, "RELOAD": True, "PREC": "tf32"}, 4),
+        ("main[fp16,1 layer,h64,no reload]", lt._main_kernel,
+         {**elem, "P_KIND": 2, "G_KIND": 2, "H": 64, "NUM_MID": 0, "NOMINAL": True, "RELOAD": False,
+          "PREC": "tf32"}, 4),
+        ("stats", lt._stats_kernel, elem, b.num_warps),
+        ("stats[bf16,NM2,NA1]", lt._stats_kernel, odd, 4),
+        ("scale", lt._scale_kernel, dict(RB=b.scale_rows), b.num_warps),
+        ("fac_partial", lt._fac_partial_kernel,
+         dict(G_KIND=0, BL=b.red_lines, BLEN=b.red_len, SEG=b.red_seg), b.num_warps),
+        ("fac_partial[bf16]", lt._fac_partial_kernel, dict(G_KIND=1, BL=8, BLEN=16, SEG=64), 4),
+        ("fac_finalize", lt._fac_finalize_kernel, dict(BLK=b.fin_block, BG=b.fin_groups, BA=b.fin_len),
+         b.num_warps),
+    ]
+    return out
+
+
+def ptxas_info(ptx: str) -> str:
+    import triton
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch = next((line.split()[1] for line in ptx.splitlines() if line.startswith(".target")), "sm_90a")
+        for exe in ("ptxas", "ptxas-blackwell"):
+            if not (bindir / exe).exists():
+                continue
+            r = subprocess.run([str(bindir / exe), f"-arch={arch}", "-v", str(src), "-o", str(Path(tmp) / "k.o")],
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                return "; ".join(line.split("info    :")[-1].strip() for line in r.stderr.splitlines()
+                                 if "Used" in line or "spill" in line)
+    return "(no ptxas accepted this PTX)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
+    ap.add_argument("--ptxas-info", action="store_true", help="report registers / spills per variant")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        return 3
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except Exception as e:
+        print(f"compile_check: triton's ahead-of-time API is not available here ({e!r})", file=sys.stderr)
+        return 3
+    from kernels import lo_step_triton as lt
+
+    target = GPUTarget("cuda", args.arch, 32)
+    failed = 0
+    for name, fn, consts, nw in variants(lt):
+        try:
+            sig = {a: ("constexpr" if a in consts else POINTERS.get(a, "fp32")) for a in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig,
+                            constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        except Exception as e:  # a different ASTSource signature: not our kernels' fault
+            print(f"compile_check: cannot describe {name} to this triton's ASTSource ({e!r})", file=sys.stderr)
+            return 3
+        try:
+            k = triton.compile(src, target=target, options={"num_warps": nw})
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc(limit=3)}", flush=True)
+            continue
+        info = ptxas_info(k.asm["ptx"]) if args.ptxas_info else ""
+        print(f"ok   {name} (num_warps={nw}) {info}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

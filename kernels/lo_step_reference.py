@@ -1,0 +1,279 @@
+"""PyTorch reference of the fused learned-optimizer step, structured the way the Triton kernels work.
+
+This computes exactly what ``LearnedOptimizer(cfg).bind(theta).update(grads, state, params)`` in
+:mod:`optimizers.learned` computes (see ``tests/test_kernels.py``), but in the phases of
+:mod:`kernels.lo_step_triton`:
+
+phase 1a (factored tensors, rank >= 2; kernels ``_fac_partial_kernel`` + ``_fac_finalize_kernel``)
+    sanitise ``g``, reduce ``g^2 + 1e-30`` over the largest dim (row accumulator) and the second
+    largest dim (column accumulator), update both accumulators in place, and compute the row factor
+    ``rsqrt(max(row / mean_a(row), 1e-9))`` into a scratch buffer of the row accumulator's shape.
+phase 1b (every tensor; ``_stats_kernel`` + ``_scale_kernel``)
+    per element: new momenta, rms, (rank < 2) full second moments and the 28 canonical features,
+    then per tensor and channel ``scale = rsqrt(1e-5 + sum(x^2) / n)``. Nothing is written here
+    except the statistics.
+phase 2 (every tensor; ``_main_kernel``)
+    per element: the same features again (the kernel recomputes them instead of storing 28 floats per
+    element), ``x * scale``, the MLP (the 11 time features are the same for every element, so their
+    contribution ``tanh(t / tau - 1) @ W0[time rows]`` is folded into the first bias), the update
+    ``d * exp(exp_mult * m) * step_mult`` plus the nominal Adam term, the clamp, and the writes of
+    ``p``, ``m``, ``v`` (and the rank < 2 full second moments).
+
+The mathematical function equals ``optimizers.learned``; the order of floating-point operations
+differs in places (sum-of-squares divided by ``n`` instead of ``mean``, time features folded into
+the bias), so results agree to rounding (``allclose``), not bit for bit.
+
+Tensors with zero elements are skipped (parameter and state unchanged); ``optimizers.learned`` would
+write NaN accumulators for them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from optimizers.learned import LOConfig, factored_dims
+
+# ---- canonical feature layout (shared with the Triton kernels) --------------------------------------
+# The kernels always build the same 28 channels for up to 3 momentum / 3 adafactor decays; a config's
+# feature list (any subset, any order, fewer decays) maps onto these slots, unused slots get zero
+# weight rows. Slot order: grad, param, m0..2, rms, adam_dir0..2, rsqrt_rms, fac_grad0..2, row0..2,
+# col0..2, rsqrt_row0..2, rsqrt_col0..2, fac_mom0..2.
+NM_MAX = 3
+NA_MAX = 3
+_GROUP_SLOTS = {
+    "grad": (0, 1), "param": (1, 1), "momentum": (2, NM_MAX), "rms": (5, 1), "adam_dir": (6, NM_MAX),
+    "rsqrt_rms": (9, 1), "fac_grad": (10, NA_MAX), "row": (13, NA_MAX), "col": (16, NA_MAX),
+    "rsqrt_row": (19, NA_MAX), "rsqrt_col": (22, NA_MAX), "fac_mom": (25, min(NM_MAX, NA_MAX)),
+}
+NUM_SLOTS = 28
+
+
+def group_channels(cfg: LOConfig, name: str) -> int:
+    nm, na = len(cfg.momentum_decays), len(cfg.adafactor_decays)
+    return {"grad": 1, "param": 1, "momentum": nm, "rms": 1, "adam_dir": nm, "rsqrt_rms": 1,
+            "fac_grad": na, "row": na, "col": na, "rsqrt_row": na, "rsqrt_col": na,
+            "fac_mom": min(nm, na)}[name]
+
+
+def feature_slots(cfg: LOConfig) -> list[int]:
+    """For every per-element input channel of ``cfg`` (in the config's order), its canonical slot."""
+    out = []
+    for name in cfg.features:
+        first, _ = _GROUP_SLOTS[name]
+        out.extend(first + k for k in range(group_channels(cfg, name)))
+    return out
+
+
+def unsupported_reason(cfg: LOConfig) -> str | None:
+    """Why the fused step cannot run ``cfg`` (None when it can)."""
+    if len(cfg.momentum_decays) > NM_MAX or len(cfg.adafactor_decays) > NA_MAX:
+        return f"more than {NM_MAX} momentum or {NA_MAX} adafactor decays"
+    if cfg.hidden_layers < 1:
+        return "hidden_layers == 0 (a linear model)"
+    h = cfg.hidden_width
+    if h < 16 or h > 256 or h & (h - 1):
+        return "hidden_width must be a power of two in [16, 256] (tl.dot tile)"
+    return None
+
+
+# ---- per-step constants --------------------------------------------------------------------------
+@dataclass
+class StepConstants:
+    step: Tensor  # the new step (state["step"] + 1)
+    bc1: Tensor  # 1 - momentum_decays[0] ** step
+    bc2: Tensor  # 1 - rms_decay ** step
+    lr: Tensor  # exp(clamp(nominal_log_lr [+ w . time features], -20, 2)), 0 without a nominal term
+    b0: Tensor  # first-layer bias with the time features folded in, shape (hidden_width,)
+
+
+def step_constants(step: Tensor, theta: dict[str, Tensor], cfg: LOConfig, dtype=torch.float32,
+                   device=None) -> StepConstants:
+    """Everything that is the same for all elements of a step (device tensors, no host sync)."""
+    device = step.device if device is None else device
+    step = (step + 1).to(device)
+    c = len(feature_slots(cfg))
+    w0 = theta["w0"].to(device=device, dtype=dtype)
+    taus = torch.tensor(cfg.time_taus, dtype=dtype, device=device)
+    tfeat = torch.tanh(step.to(dtype) / taus - 1.0)
+    b0 = theta["b0"].to(device=device, dtype=dtype) + tfeat @ w0[c:]
+    bc1 = 1 - cfg.momentum_decays[0] ** step
+    bc2 = 1 - cfg.rms_decay ** step
+    if cfg.nominal == "adam":
+        log_lr = theta["nominal_log_lr"].to(device=device, dtype=dtype)
+        if getattr(cfg, "nominal_schedule", False):  # learned schedule over the time features
+            log_lr = log_lr + (tfeat * theta["nominal_time_w"].to(device=device, dtype=dtype)).sum()
+        lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
+    else:
+        lr = torch.zeros((), dtype=dtype, device=device)
+    return StepConstants(step=step, bc1=bc1.to(dtype), bc2=bc2.to(dtype), lr=lr, b0=b0)
+
+
+def sanitize_grad(g: Tensor, cfg: LOConfig, dtype: torch.dtype) -> Tensor:
+    g = g.to(dtype)
+    return torch.clamp(torch.nan_to_num(g, nan=0.0, posinf=cfg.grad_clip, neginf=-cfg.grad_clip),
+                       -cfg.grad_clip, cfg.grad_clip)
+
+
+def _decays(values, like: Tensor, ndim: int) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, *[1] * ndim)
+
+
+# ---- phase 1a: factored accumulators ------------------------------------------------------------
+def factored_update(g: Tensor, row: Tensor, col: Tensor, cfg: LOConfig):
+    """New row/column accumulators and the row factor of a rank >= 2 tensor (kernels K1+K2)."""
+    a, b = factored_dims(g.shape)
+    ad = _decays(cfg.adafactor_decays, g, g.dim())
+    g2 = g * g + 1e-30
+    row_new = ad * row + (1 - ad) * g2.mean(dim=b, keepdim=True)
+    col_new = ad * col + (1 - ad) * g2.mean(dim=a, keepdim=True)
+    row_factor = torch.rsqrt(torch.clamp(row_new / row_new.mean(dim=a + 1, keepdim=True), min=1e-9))
+    return row_new, col_new, row_factor
+
+
+# ---- per-element accumulators and features (phase 1b and, recomputed, phase 2) --------------------
+def element_accumulators(g: Tensor, m: Tensor, v: Tensor, row: Tensor, col: Tensor | None,
+                         row_factor: Tensor | None, cfg: LOConfig):
+    """New momenta and rms; broadcast row/col accumulators and the factored preconditioner.
+
+    For rank >= 2, ``row``/``col``/``row_factor`` are phase 1a's outputs; for rank < 2 ``row`` is the
+    *old* full second moment and is updated here (``col`` and ``row_factor`` are None).
+    """
+    md = _decays(cfg.momentum_decays, g, g.dim())
+    m_new = md * m + (1 - md) * g
+    v_new = cfg.rms_decay * v + (1 - cfg.rms_decay) * g * g
+    na = len(cfg.adafactor_decays)
+    if col is None:
+        ad = _decays(cfg.adafactor_decays, g, g.dim())
+        row_new = ad * row + (1 - ad) * (g * g + 1e-30)
+        row_b = col_b = row_new
+        fac = torch.rsqrt(row_new + 1e-9)
+    else:
+        row_new = row
+        row_b = row.expand(na, *g.shape)
+        col_b = col.expand(na, *g.shape)
+        fac = row_factor * torch.rsqrt(torch.clamp(col, min=1e-9))
+    return m_new, v_new, row_new, row_b, col_b, fac
+
+
+def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, col_b: Tensor,
+                     fac: Tensor, cfg: LOConfig) -> Tensor:
+    """The per-element input channels in the config's order, shape (n, channels)."""
+    nmf = min(len(cfg.momentum_decays), len(cfg.adafactor_decays))
+    feats: list[Tensor] = []
+    for name in cfg.features:
+        if name == "grad":
+            feats.append(g.unsqueeze(0))
+        elif name == "param":
+            feats.append(p.to(g.dtype).unsqueeze(0))
+        elif name == "momentum":
+            feats.append(m)
+        elif name == "rms":
+            feats.append(v.unsqueeze(0))
+        elif name == "adam_dir":
+            feats.append(m * torch.rsqrt(v + 1e-6))
+        elif name == "rsqrt_rms":
+            feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
+        elif name == "fac_grad":
+            feats.append(g * fac)
+        elif name == "row":
+            feats.append(row_b)
+        elif name == "col":
+            feats.append(col_b)
+        elif name == "rsqrt_row":
+            feats.append(torch.rsqrt(row_b + 1e-8))
+        elif name == "rsqrt_col":
+            feats.append(torch.rsqrt(col_b + 1e-8))
+        elif name == "fac_mom":
+            feats.append(m[:nmf] * fac[:nmf])
+    return torch.cat(feats, dim=0).reshape(-1, g.numel()).transpose(0, 1)
+
+
+def mlp(x: Tensor, theta: dict[str, Tensor], cfg: LOConfig, b0: Tensor) -> Tensor:
+    """The MLP on normalised features, first bias ``b0`` already holding the time features."""
+    c = x.shape[1]
+    n_layers = cfg.hidden_layers + 1
+    h = x @ theta["w0"][:c].to(x.dtype) + b0
+    for i in range(1, n_layers):
+        h = F.relu(h)
+        h = h @ theta[f"w{i}"].to(x.dtype) + theta[f"b{i}"].to(x.dtype)
+    return h
+
+
+# ---- the step --------------------------------------------------------------------------------------
+def lo_step_reference(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
+                      theta: dict[str, Tensor], cfg: LOConfig):
+    """One learned-optimizer step; the same interface and results as ``BoundLearnedOptimizer.update``.
+
+    Pure: returns ``(new_params, new_state)`` and mutates nothing.
+    """
+    if not params:
+        return {}, {**state, "step": state["step"] + 1}
+    # per-tensor state dtypes (>= fp32); the MLP runs in their promotion, as in optimizers.learned
+    dtype = functools.reduce(torch.promote_types, (state["v"][k].dtype for k in params))
+    device = state["v"][next(iter(params))].device
+    k0 = step_constants(state["step"], theta, cfg, dtype=dtype, device=device)
+    new_state: dict = {"step": state["step"] + 1, "m": {}, "v": {}, "row": {}, "col": {}}
+    new_params: dict[str, Tensor] = {}
+
+    # phase 1: accumulators (factored ones written first) and per-tensor feature statistics
+    pieces = []
+    for k, p in params.items():
+        if p.numel() == 0:
+            new_params[k] = p
+            for key in ("m", "v", "row", "col"):
+                if k in state[key]:
+                    new_state[key][k] = state[key][k]
+            continue
+        g = sanitize_grad(grads[k], cfg, state["v"][k].dtype)
+        if factored_dims(p.shape) is not None:
+            row, col, row_factor = factored_update(g, state["row"][k], state["col"][k], cfg)
+            new_state["col"][k] = col
+        else:
+            row, col, row_factor = state["row"][k], None, None
+        m, v, row, row_b, col_b, fac = element_accumulators(
+            g, state["m"][k], state["v"][k], row, col, row_factor, cfg)
+        x = element_features(g, p, m, v, row_b, col_b, fac, cfg)
+        scale = torch.rsqrt(1e-5 + (x * x).sum(dim=0, keepdim=True) / x.shape[0])
+        new_state["m"][k], new_state["v"][k], new_state["row"][k] = m, v, row
+        pieces.append((k, p, x * scale, m[0], v))  # phase 2 (the kernel recomputes x here)
+    if not pieces:
+        return new_params, new_state
+
+    # phase 2: normalised features -> MLP -> update (one MLP call over all elements)
+    x = torch.cat([pc[2] for pc in pieces], dim=0)
+    out = mlp(x, theta, cfg, k0.b0)
+    d, mag = out[:, 0], out[:, 1]
+    delta = d * torch.exp(cfg.exp_mult * mag) * cfg.step_mult
+    if cfg.nominal == "adam":
+        adam = torch.cat([((m0 / k0.bc1) / (torch.sqrt(v / k0.bc2) + 1e-8)).reshape(-1)
+                          for _, _, _, m0, v in pieces])
+        delta = delta + k0.lr * adam
+    delta = torch.clamp(delta, -cfg.max_update, cfg.max_update)
+    for (k, p, *_), piece in zip(pieces, torch.split(delta, [pc[1].numel() for pc in pieces])):
+        new_params[k] = p - piece.reshape(p.shape).to(p.dtype)
+    return {k: new_params[k] for k in params}, new_state
+
+
+def bytes_per_element(cfg: LOConfig, param_bytes: int = 4, grad_bytes: int = 4) -> dict[str, int]:
+    """Bytes per parameter element: the least a step must move, and what the two-pass kernels move.
+
+    ``minimum``: read g, p, m (nm), v and write p, m, v once (factored accumulators are O(rows+cols)).
+    ``kernels``: the stats pass re-reads g, p, m, v (it cannot keep 28 features per element);
+    ``kernels_factored``: for rank >= 2 tensors the row and column reductions read g twice more.
+    """
+    nm = len(cfg.momentum_decays)
+    once = grad_bytes + param_bytes + 4 * (nm + 1)
+    minimum = once + param_bytes + 4 * (nm + 1)
+    return {"minimum": minimum, "kernels": minimum + once, "kernels_factored": minimum + once + 2 * grad_bytes}
+
+
+__all__ = [
+    "lo_step_reference", "step_constants", "StepConstants", "factored_update", "element_accumulators",
+    "element_features", "mlp", "sanitize_grad", "feature_slots", "unsupported_reason", "NUM_SLOTS",
+    "bytes_per_element",
+]

@@ -1,0 +1,841 @@
+"""Fused Triton kernels for the learned-optimizer step (forward only).
+
+Semantics: :mod:`kernels.lo_step_reference` (which equals ``optimizers.learned``). One call updates
+many tensors with a fixed number of launches, independent of the number of tensors (multi-tensor
+apply: a per-tensor table of pointers and geometry plus a per-chunk ``(tensor, start)`` table):
+
+K1 ``_fac_partial_kernel``   factored (rank >= 2) tensors: partial sums of ``g^2 + 1e-30`` along the
+                             largest dim (row) and the second largest dim (column), in line segments
+                             (deterministic, no atomics).
+K2 ``_fac_finalize_kernel``  sums the segments, updates the row / column accumulators in place and
+                             writes the row factor ``rsqrt(max(row / mean_a(row), 1e-9))`` to scratch.
+K3 ``_stats_kernel``         per element: new momenta / rms / (rank < 2) second moments and the 28
+                             canonical features built in registers; per chunk the sum of squares of
+                             every channel (nothing else is written).
+K4 ``_scale_kernel``         per tensor: ``scale = rsqrt(1e-5 + sum(x^2) / n)`` per channel.
+K5 ``_main_kernel``          per element block: features again, ``x * scale``, the MLP with ``tl.dot``
+                             on ``[BLOCK, 32] x [32, H]`` and ``[BLOCK, H] x [H, H]`` tiles (weight
+                             matrices loaded once per program), output layer on CUDA cores, update,
+                             clamp, and in-place writes of ``p``, ``m``, ``v`` (and rank < 2 second
+                             moments).
+
+The 28 features are assembled into one ``[BLOCK, 32]`` register tile by a tree of ``tl.join``; the
+tree's column order is the bit reversal of the canonical slot, which the host folds into the row
+order of the first weight matrix (no data movement in the kernel). The 11 time features are equal for
+all elements: their product with their weight rows is folded into the first bias on the host.
+
+Traffic per element (fp32): K3 reads g, p, m (3), v; K5 reads them again and writes p, m, v: 68 bytes
+against the 44 a single pass would need (features cannot be kept: 28 floats per element). K1 reads
+the gradient of a factored tensor twice more (row and column sums): 76 bytes for matrices.
+
+Registers (``python -m kernels.compile_check --ptxas-info``, sm_90, Triton 3.9): main kernel with
+``tf32`` / block 64 / 4 warps: 126, no spills; ``ieee`` (fp32 FMA dot) spills at every tile size
+tried: it is the exact mode for tests, ``tf32`` the fast one. No GPU timings exist yet: tune with
+``python -m kernels.bench_lo_step --tune``.
+
+Limits (checked by :func:`unsupported`): fp32 state, fp32/bf16/fp16 parameters and gradients, at most
+3 momentum / 3 adafactor decays, hidden_width a power of two in [16, 256], hidden_layers >= 1, fewer
+than 2**31 - 2**20 elements per tensor. Set ``TRITON_INTERPRET=1`` before importing triton to run on
+CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels.lo_step_reference import (
+    NUM_SLOTS, feature_slots, step_constants, unsupported_reason,
+)
+from optimizers.learned import LOConfig, factored_dims
+
+KPAD = 32  # columns of the feature tile (28 canonical slots + 4 zero columns)
+assert NUM_SLOTS + 4 == KPAD
+META_COLS = 12  # per-tensor int64 metadata
+PTR_COLS = 7  # per-tensor pointers: g, p, m, v, row, col, row factor
+DESC_COLS = 12  # per factored reduction (tensor, kind) int64 metadata
+_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def slot_column(slot: int) -> int:
+    """Column of canonical feature ``slot`` in the kernel's ``[BLOCK, 32]`` tile (5-bit reversal)."""
+    return int(f"{slot:05b}"[::-1], 2)
+
+
+# ============================================================================================ kernels
+@triton.jit
+def _cat32(f0, f1, f2, f3, f4, f5, f6, f7, f8, f9, f10, f11, f12, f13, f14, f15,
+           f16, f17, f18, f19, f20, f21, f22, f23, f24, f25, f26, f27, f28, f29, f30, f31,
+           BLOCK: tl.constexpr):
+    """32 vectors [BLOCK] -> one [BLOCK, 32] tile; vector j lands in column bitreverse5(j)."""
+    a0 = tl.join(f0, f1)
+    a1 = tl.join(f2, f3)
+    a2 = tl.join(f4, f5)
+    a3 = tl.join(f6, f7)
+    a4 = tl.join(f8, f9)
+    a5 = tl.join(f10, f11)
+    a6 = tl.join(f12, f13)
+    a7 = tl.join(f14, f15)
+    a8 = tl.join(f16, f17)
+    a9 = tl.join(f18, f19)
+    a10 = tl.join(f20, f21)
+    a11 = tl.join(f22, f23)
+    a12 = tl.join(f24, f25)
+    a13 = tl.join(f26, f27)
+    a14 = tl.join(f28, f29)
+    a15 = tl.join(f30, f31)
+    b0 = tl.join(a0, a1)
+    b1 = tl.join(a2, a3)
+    b2 = tl.join(a4, a5)
+    b3 = tl.join(a6, a7)
+    b4 = tl.join(a8, a9)
+    b5 = tl.join(a10, a11)
+    b6 = tl.join(a12, a13)
+    b7 = tl.join(a14, a15)
+    c0 = tl.join(b0, b1)
+    c1 = tl.join(b2, b3)
+    c2 = tl.join(b4, b5)
+    c3 = tl.join(b6, b7)
+    d0 = tl.join(c0, c1)
+    d1 = tl.join(c2, c3)
+    e = tl.join(d0, d1)
+    return tl.reshape(e, (BLOCK, 32))
+
+
+@triton.jit
+def _ld(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _features(i, mask, MASKED: tl.constexpr,
+              g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
+              r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
+              sbn, sb, san, sa, is_fac, grad_clip,
+              md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+              NM: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr):
+    """Load one element block, update the accumulators in registers and build the feature tile."""
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    fac = is_fac != 0
+    g = _ld(g_ptr + i, mask, MASKED)
+    g = tl.where(g != g, 0.0, g)
+    g = tl.minimum(tl.maximum(g, -grad_clip), grad_clip)
+    p = _ld(p_ptr + i, mask, MASKED)
+    g2 = g * g + 1e-30
+    m0 = md0 * _ld(m_ptr0 + i, mask, MASKED) + omd0 * g
+    m1 = zero
+    m2 = zero
+    if NM > 1:
+        m1 = md1 * _ld(m_ptr1 + i, mask, MASKED) + omd1 * g
+    if NM > 2:
+        m2 = md2 * _ld(m_ptr2 + i, mask, MASKED) + omd2 * g
+    v = rd * _ld(v_ptr + i, mask, MASKED) + ord_ * g * g
+    rv = tl.rsqrt(v + 1e-6)
+    # factored tensors: row/col accumulators (already updated by K2) gathered by row/col index and
+    # the row factor from scratch; rank < 2: the full second moment, updated here (col = row)
+    i_row = (i // sbn) * sb + i % sb
+    i_col = (i // san) * sa + i % sa
+    rl = _ld(r_ptr0 + i_row, mask, MASKED)
+    cl = _ld(c_ptr0 + i_col, mask, MASKED)
+    r0 = tl.where(fac, rl, ad0 * rl + oad0 * g2)
+    c0 = tl.where(fac, cl, r0)
+    q0 = tl.where(fac, _ld(f_ptr0 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
+                  tl.rsqrt(r0 + 1e-9))
+    r1 = zero
+    c1 = zero
+    q1 = zero
+    r2 = zero
+    c2 = zero
+    q2 = zero
+    if NA > 1:
+        rl = _ld(r_ptr1 + i_row, mask, MASKED)
+        cl = _ld(c_ptr1 + i_col, mask, MASKED)
+        r1 = tl.where(fac, rl, ad1 * rl + oad1 * g2)
+        c1 = tl.where(fac, cl, r1)
+        q1 = tl.where(fac, _ld(f_ptr1 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
+                      tl.rsqrt(r1 + 1e-9))
+    if NA > 2:
+        rl = _ld(r_ptr2 + i_row, mask, MASKED)
+        cl = _ld(c_ptr2 + i_col, mask, MASKED)
+        r2 = tl.where(fac, rl, ad2 * rl + oad2 * g2)
+        c2 = tl.where(fac, cl, r2)
+        q2 = tl.where(fac, _ld(f_ptr2 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
+                      tl.rsqrt(r2 + 1e-9))
+    x = _cat32(g, p, m0, m1, m2, v, m0 * rv, m1 * rv, m2 * rv, rv,
+               g * q0, g * q1, g * q2, r0, r1, r2, c0, c1, c2,
+               tl.rsqrt(r0 + 1e-8), tl.rsqrt(r1 + 1e-8), tl.rsqrt(r2 + 1e-8),
+               tl.rsqrt(c0 + 1e-8), tl.rsqrt(c1 + 1e-8), tl.rsqrt(c2 + 1e-8),
+               m0 * q0, m1 * q1, m2 * q2, zero, zero, zero, zero, BLOCK)
+    return x, p, m0, m1, m2, v, r0, r1, r2
+
+
+@triton.jit
+def _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
+                 ALIGNED: tl.constexpr):
+    """Typed pointers and geometry of tensor ``t`` from the multi-tensor tables."""
+    pt = ptr_tab + t * 7
+    mt = meta_tab + t * 12
+    if G_KIND == 0:
+        g_ptr = tl.load(pt + 0).to(tl.pointer_type(tl.float32))
+    elif G_KIND == 1:
+        g_ptr = tl.load(pt + 0).to(tl.pointer_type(tl.bfloat16))
+    else:
+        g_ptr = tl.load(pt + 0).to(tl.pointer_type(tl.float16))
+    if P_KIND == 0:
+        p_ptr = tl.load(pt + 1).to(tl.pointer_type(tl.float32))
+    elif P_KIND == 1:
+        p_ptr = tl.load(pt + 1).to(tl.pointer_type(tl.bfloat16))
+    else:
+        p_ptr = tl.load(pt + 1).to(tl.pointer_type(tl.float16))
+    m_ptr = tl.load(pt + 2).to(tl.pointer_type(tl.float32))
+    v_ptr = tl.load(pt + 3).to(tl.pointer_type(tl.float32))
+    r_ptr = tl.load(pt + 4).to(tl.pointer_type(tl.float32))
+    c_ptr = tl.load(pt + 5).to(tl.pointer_type(tl.float32))
+    f_ptr = tl.load(pt + 6).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # host checked: every base below is 16-byte aligned
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+        v_ptr = tl.multiple_of(v_ptr, 16)
+    n = tl.load(mt + 0)
+    if ALIGNED:  # and n % 4 == 0, so the momentum slices m + k * n stay 16-byte aligned
+        n = tl.multiple_of(n, 4)
+    rsize = tl.load(mt + 1)
+    csize = tl.load(mt + 2)
+    sbn = tl.load(mt + 3).to(tl.int32)
+    sb = tl.load(mt + 4).to(tl.int32)
+    san = tl.load(mt + 5).to(tl.int32)
+    sa = tl.load(mt + 6).to(tl.int32)
+    is_fac = tl.load(mt + 7).to(tl.int32)
+    return (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
+            is_fac)
+
+
+@triton.jit
+def _stats_block(acc, i, mask, MASKED: tl.constexpr,
+                 g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
+                 r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
+                 sbn, sb, san, sa, is_fac, grad_clip,
+                 md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                 NM: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr):
+    x, p, m0, m1, m2, v, r0, r1, r2 = _features(
+        i, mask, MASKED, g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
+        r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
+        sbn, sb, san, sa, is_fac, grad_clip,
+        md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2, NM, NA, BLOCK)
+    x2 = x * x
+    if MASKED:
+        x2 = tl.where(mask[:, None], x2, 0.0)
+    return acc + x2  # [BLOCK, 32]: reduced over rows once, at the end of the chunk
+
+
+@triton.jit
+def _stats_kernel(chunk_tab, ptr_tab, meta_tab, part_ptr, grad_clip,
+                  md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                  NM: tl.constexpr, NA: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
+                  ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tab + 2 * pid)
+    start = tl.load(chunk_tab + 2 * pid + 1)
+    (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
+     is_fac) = _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, ALIGNED)
+    end = tl.minimum(start + CHUNK, n.to(tl.int32))
+    nfull = (end - start) // BLOCK
+    acc = tl.zeros([BLOCK, 32], dtype=tl.float32)
+    offs = tl.arange(0, BLOCK)
+    for it in range(0, nfull):
+        i = tl.multiple_of(start + it * BLOCK, BLOCK) + offs
+        acc = _stats_block(acc, i, i < end, False, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n,
+                           v_ptr, r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize,
+                           c_ptr + 2 * csize, f_ptr, f_ptr + rsize, f_ptr + 2 * rsize,
+                           sbn, sb, san, sa, is_fac, grad_clip,
+                           md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                           NM, NA, BLOCK)
+    if start + nfull * BLOCK < end:
+        i = start + nfull * BLOCK + offs
+        acc = _stats_block(acc, i, i < end, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n,
+                           v_ptr, r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize,
+                           c_ptr + 2 * csize, f_ptr, f_ptr + rsize, f_ptr + 2 * rsize,
+                           sbn, sb, san, sa, is_fac, grad_clip,
+                           md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                           NM, NA, BLOCK)
+    tl.store(part_ptr + pid * 32 + tl.arange(0, 32), tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scale_kernel(meta_tab, part_ptr, scale_ptr, RB: tl.constexpr):
+    """Per tensor: sum its chunks' partial sums of squares; scale = rsqrt(1e-5 + sum / n)."""
+    t = tl.program_id(0)
+    mt = meta_tab + t * 12
+    n = tl.load(mt + 0)
+    c_lo = tl.load(mt + 9).to(tl.int32)
+    c_hi = tl.load(mt + 10).to(tl.int32)
+    cols = tl.arange(0, 32)
+    acc = tl.zeros([32], dtype=tl.float32)
+    for c in range(c_lo, c_hi, RB):
+        rows = c + tl.arange(0, RB)
+        x = tl.load(part_ptr + rows[:, None] * 32 + cols[None, :], mask=(rows < c_hi)[:, None], other=0.0)
+        acc += tl.sum(x, axis=0)
+    tl.store(scale_ptr + t * 32 + cols, tl.rsqrt(1e-5 + acc / n.to(tl.float32)))
+
+
+@triton.jit
+def _main_block(i, mask, MASKED: tl.constexpr,
+                g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
+                r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
+                sbn, sb, san, sa, is_fac, grad_clip,
+                md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
+                exp_mult, step_mult, max_update, scale_t_ptr, b0_ptr, wo_ptr,
+                H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
+                NM: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr, RELOAD: tl.constexpr):
+    x, p, m0, m1, m2, v, r0, r1, r2 = _features(
+        i, mask, MASKED, g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
+        r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
+        sbn, sb, san, sa, is_fac, grad_clip,
+        md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2, NM, NA, BLOCK)
+    if RELOAD:  # per-block (L1) loads of the [32] / [H] vectors, after the features: far fewer
+        hh = tl.arange(0, H)  # live registers than holding them across the chunk loop
+        scale = tl.load(scale_t_ptr + tl.arange(0, 32))
+        b0 = tl.load(b0_ptr + hh)
+        b1 = tl.load(bm_ptr + hh)
+        wd = tl.load(wo_ptr + hh * 2)
+        wm = tl.load(wo_ptr + hh * 2 + 1)
+    x = x * scale[None, :]
+    h = tl.dot(x, w0, input_precision=PREC) + b0[None, :]
+    if NUM_MID > 0:
+        h = tl.maximum(h, 0.0)
+        h = tl.dot(h, w1, input_precision=PREC) + b1[None, :]
+    hh = tl.arange(0, H)
+    for layer in tl.static_range(1, NUM_MID):
+        h = tl.maximum(h, 0.0)
+        wl = tl.load(wm_ptr + layer * H * H + hh[:, None] * H + hh[None, :])
+        bl = tl.load(bm_ptr + layer * H + hh)
+        h = tl.dot(h, wl, input_precision=PREC) + bl[None, :]
+    h = tl.maximum(h, 0.0)
+    d = tl.sum(h * wd[None, :], axis=1) + bd
+    mag = tl.sum(h * wm[None, :], axis=1) + bm
+    delta = d * tl.exp(exp_mult * mag) * step_mult
+    if NOMINAL:
+        delta = delta + lr * ((m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8))
+    delta = tl.minimum(tl.maximum(delta, -max_update), max_update)
+    dq = delta.to(p_ptr.dtype.element_ty).to(tl.float32)  # the reference casts the update first
+    p_new = (p - dq).to(p_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(p_ptr + i, p_new, mask=mask)
+        tl.store(m_ptr0 + i, m0, mask=mask)
+        if NM > 1:
+            tl.store(m_ptr1 + i, m1, mask=mask)
+        if NM > 2:
+            tl.store(m_ptr2 + i, m2, mask=mask)
+        tl.store(v_ptr + i, v, mask=mask)
+        if is_fac == 0:
+            tl.store(r_ptr0 + i, r0, mask=mask)
+            if NA > 1:
+                tl.store(r_ptr1 + i, r1, mask=mask)
+            if NA > 2:
+                tl.store(r_ptr2 + i, r2, mask=mask)
+    else:
+        tl.store(p_ptr + i, p_new)
+        tl.store(m_ptr0 + i, m0)
+        if NM > 1:
+            tl.store(m_ptr1 + i, m1)
+        if NM > 2:
+            tl.store(m_ptr2 + i, m2)
+        tl.store(v_ptr + i, v)
+        if is_fac == 0:
+            tl.store(r_ptr0 + i, r0)
+            if NA > 1:
+                tl.store(r_ptr1 + i, r1)
+            if NA > 2:
+                tl.store(r_ptr2 + i, r2)
+
+
+@triton.jit
+def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr,
+                 wo_ptr, bo_ptr, grad_clip, exp_mult, step_mult, max_update,
+                 md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                 H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
+                 NM: tl.constexpr, NA: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, RELOAD: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tab + 2 * pid)
+    start = tl.load(chunk_tab + 2 * pid + 1)
+    (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
+     is_fac) = _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, ALIGNED)
+    # weights: once per program (with RELOAD the vectors are re-read per block, see _main_block)
+    kk = tl.arange(0, 32)
+    hh = tl.arange(0, H)
+    w0 = tl.load(w0_ptr + kk[:, None] * H + hh[None, :])
+    w1 = tl.load(wm_ptr + hh[:, None] * H + hh[None, :])
+    if RELOAD:  # placeholders, loaded in _main_block
+        scale = 0.0
+        b0 = 0.0
+        b1 = 0.0
+        wd = 0.0
+        wm = 0.0
+    else:
+        scale = tl.load(scale_ptr + t * 32 + kk)
+        b0 = tl.load(b0_ptr + hh)
+        b1 = tl.load(bm_ptr + hh)
+        wd = tl.load(wo_ptr + hh * 2)
+        wm = tl.load(wo_ptr + hh * 2 + 1)
+    bd = tl.load(bo_ptr)
+    bm = tl.load(bo_ptr + 1)
+    bc1 = tl.load(sc_ptr)
+    bc2 = tl.load(sc_ptr + 1)
+    lr = tl.load(sc_ptr + 2)
+    end = tl.minimum(start + CHUNK, n.to(tl.int32))
+    nfull = (end - start) // BLOCK
+    offs = tl.arange(0, BLOCK)
+    for it in range(0, nfull):
+        i = tl.multiple_of(start + it * BLOCK, BLOCK) + offs
+        _main_block(i, i < end, False, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
+                    r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
+                    f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
+                    md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                    scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
+                    exp_mult, step_mult, max_update, scale_ptr + t * 32, b0_ptr, wo_ptr,
+                    H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD)
+    if start + nfull * BLOCK < end:
+        i = start + nfull * BLOCK + offs
+        _main_block(i, i < end, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
+                    r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
+                    f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
+                    md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+                    scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
+                    exp_mult, step_mult, max_update, scale_ptr + t * 32, b0_ptr, wo_ptr,
+                    H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD)
+
+
+@triton.jit
+def _fac_partial_kernel(task_tab, desc_tab, ptr_tab, part_ptr, grad_clip, G_KIND: tl.constexpr,
+                        BL: tl.constexpr, BLEN: tl.constexpr, SEG: tl.constexpr):
+    """Partial sums of g^2 + 1e-30 over one segment of BL reduction lines (row or column)."""
+    pid = tl.program_id(0)
+    di = tl.load(task_tab + 3 * pid)
+    j0 = tl.load(task_tab + 3 * pid + 1)
+    seg = tl.load(task_tab + 3 * pid + 2)
+    dt = desc_tab + di * 12
+    t = tl.load(dt + 0)
+    nlines = tl.load(dt + 2).to(tl.int32)
+    length = tl.load(dt + 3).to(tl.int32)
+    s = tl.load(dt + 4).to(tl.int32)
+    poff = tl.load(dt + 6).to(tl.int32)
+    if G_KIND == 0:
+        g_ptr = tl.load(ptr_tab + t * 7).to(tl.pointer_type(tl.float32))
+    elif G_KIND == 1:
+        g_ptr = tl.load(ptr_tab + t * 7).to(tl.pointer_type(tl.bfloat16))
+    else:
+        g_ptr = tl.load(ptr_tab + t * 7).to(tl.pointer_type(tl.float16))
+    j = j0 + tl.arange(0, BL)
+    jm = j < nlines
+    base = (j // s) * (s * length) + j % s
+    acc = tl.zeros([BL], dtype=tl.float32)
+    c_lo = seg * SEG
+    c_hi = tl.minimum(c_lo + SEG, length)
+    for c in range(c_lo, c_hi, BLEN):
+        cc = c + tl.arange(0, BLEN)
+        msk = jm[:, None] & (cc < c_hi)[None, :]
+        x = tl.load(g_ptr + base[:, None] + cc[None, :] * s, mask=msk, other=0.0).to(tl.float32)
+        x = tl.where(x != x, 0.0, x)
+        x = tl.minimum(tl.maximum(x, -grad_clip), grad_clip)
+        acc += tl.sum(tl.where(msk, x * x + 1e-30, 0.0), axis=1)
+    tl.store(part_ptr + poff + seg * nlines + j, acc, mask=jm)
+
+
+@triton.jit
+def _fac_finalize_kernel(task_tab, desc_tab, ptr_tab, part_ptr, rf_ptr, ad0, oad0, ad1, oad1, ad2,
+                         oad2, BLK: tl.constexpr, BG: tl.constexpr, BA: tl.constexpr):
+    """Finish the reductions, update row / column accumulators in place, write the row factor."""
+    pid = tl.program_id(0)
+    di = tl.load(task_tab + 3 * pid)
+    start = tl.load(task_tab + 3 * pid + 1)
+    k = tl.load(task_tab + 3 * pid + 2)
+    dt = desc_tab + di * 12
+    t = tl.load(dt + 0)
+    kind = tl.load(dt + 1)
+    nlines = tl.load(dt + 2).to(tl.int32)
+    length = tl.load(dt + 3).to(tl.float32)
+    nseg = tl.load(dt + 5).to(tl.int32)
+    poff = tl.load(dt + 6).to(tl.int32)
+    ad = tl.where(k == 0, ad0, tl.where(k == 1, ad1, ad2))
+    oad = tl.where(k == 0, oad0, tl.where(k == 1, oad1, oad2))
+    if kind == 1:  # column accumulator: one value per line
+        col_ptr = tl.load(ptr_tab + t * 7 + 5).to(tl.pointer_type(tl.float32)) + k * nlines
+        j = start + tl.arange(0, BLK)
+        jm = j < nlines
+        acc = tl.zeros([BLK], dtype=tl.float32)
+        for sg in range(0, nseg):
+            acc += tl.load(part_ptr + poff + sg * nlines + j, mask=jm, other=0.0)
+        old = tl.load(col_ptr + j, mask=jm, other=0.0)
+        tl.store(col_ptr + j, ad * old + oad * (acc / length), mask=jm)
+    else:  # row accumulator: groups of na values (the row space reduced over dim a)
+        sa_r = tl.load(dt + 7).to(tl.int32)
+        na = tl.load(dt + 8).to(tl.int32)
+        ng = tl.load(dt + 9).to(tl.int32)
+        rf_off = tl.load(dt + 10).to(tl.int32)
+        row_ptr = tl.load(ptr_tab + t * 7 + 4).to(tl.pointer_type(tl.float32)) + k * nlines
+        rfk_ptr = rf_ptr + rf_off + k * nlines
+        gi = start + tl.arange(0, BG)
+        gm = gi < ng
+        base = (gi // sa_r) * (sa_r * na) + gi % sa_r
+        rs = tl.zeros([BG], dtype=tl.float32)
+        for c in range(0, na, BA):  # pass 1: the mean over dim a of the new accumulator
+            cc = c + tl.arange(0, BA)
+            msk = gm[:, None] & (cc < na)[None, :]
+            r = base[:, None] + cc[None, :] * sa_r
+            acc = tl.zeros([BG, BA], dtype=tl.float32)
+            for sg in range(0, nseg):
+                acc += tl.load(part_ptr + poff + sg * nlines + r, mask=msk, other=0.0)
+            new = ad * tl.load(row_ptr + r, mask=msk, other=0.0) + oad * (acc / length)
+            rs += tl.sum(tl.where(msk, new, 0.0), axis=1)
+        rmean = tl.where(gm, rs / na.to(tl.float32), 1.0)  # 1 on masked groups: no 0/0
+        for c in range(0, na, BA):  # pass 2: recompute (nothing was written), write both
+            cc = c + tl.arange(0, BA)
+            msk = gm[:, None] & (cc < na)[None, :]
+            r = base[:, None] + cc[None, :] * sa_r
+            acc = tl.zeros([BG, BA], dtype=tl.float32)
+            for sg in range(0, nseg):
+                acc += tl.load(part_ptr + poff + sg * nlines + r, mask=msk, other=0.0)
+            new = ad * tl.load(row_ptr + r, mask=msk, other=0.0) + oad * (acc / length)
+            tl.store(row_ptr + r, new, mask=msk)
+            tl.store(rfk_ptr + r, tl.rsqrt(tl.maximum(new / rmean[:, None], 1e-9)), mask=msk)
+
+
+# ============================================================================================== host
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes. GPU defaults; the tests use small ones so that the interpreter exercises loops,
+    tails and segments on tiny tensors."""
+
+    block: int = 64  # elements per MLP tile (the M of tl.dot; >= 16)
+    chunk_iters: int = 8  # element blocks per program of the stats/main kernels
+    red_lines: int = 32  # K1: lines per program
+    red_len: int = 64  # K1: elements per line per iteration
+    red_seg: int = 1024  # K1: elements per line segment (one program)
+    fin_block: int = 256  # K2: column lines per program
+    fin_groups: int = 4  # K2: row groups per program (a matrix has one group: all its rows)
+    fin_len: int = 256  # K2: row values per group per iteration
+    scale_rows: int = 64  # K4: chunk partials per iteration
+    num_warps: int = 4
+    # main kernel: re-read the small weight vectors per block instead of keeping them live across the
+    # chunk loop (sm_90, tf32, block 64, 4 warps: 126 instead of 230 registers, per ptxas -v)
+    reload_vectors: bool = True
+
+    @property
+    def chunk(self) -> int:
+        return self.block * self.chunk_iters
+
+
+DEFAULT_BLOCKS = Blocks()
+
+
+def unsupported(cfg: LOConfig, params: dict[str, Tensor], grads: dict[str, Tensor] | None = None,
+                state: dict | None = None) -> str | None:
+    """Why :func:`lo_step` cannot run this step (None when it can)."""
+    reason = unsupported_reason(cfg)
+    if reason:
+        return reason
+    devices = {p.device for p in params.values()}
+    if len(devices) > 1:
+        return "parameters on more than one device"
+    for k, p in params.items():
+        if p.dtype not in _KIND:
+            return f"parameter {k!r} has dtype {p.dtype}"
+        if p.numel() > 2**31 - 2**20:
+            return f"parameter {k!r} has too many elements for int32 indexing"
+        if grads is not None and grads[k].dtype not in _KIND:
+            return f"gradient {k!r} has dtype {grads[k].dtype}"
+        if state is not None and any(state[key][k].dtype != torch.float32
+                                     for key in ("m", "v", "row", "col") if k in state[key]):
+            return f"state of {k!r} is not fp32"
+    return None
+
+
+@dataclass
+class _Plan:
+    """Device tables and scratch for one list of tensor shapes (cached; pointers are per call)."""
+
+    n_tensors: int
+    meta: Tensor  # int64 [T, 12]
+    chunks: Tensor  # int32 [nchunks, 2]
+    n_chunks: int
+    desc: Tensor | None  # int64 [ndesc, 12]
+    k1_tasks: Tensor | None  # int32 [n, 3]
+    k2_tasks: Tensor | None  # int32 [n, 3]
+    part1: Tensor | None  # K1 partial sums
+    rowfac: Tensor | None  # row factors, per factored tensor [na, rsize]
+    rf_offsets: list[int]
+    stats: Tensor  # [nchunks, 32]
+    scale: Tensor  # [T, 32]
+    ptr_key: tuple | None = None
+    ptr_tab: Tensor | None = None
+
+
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_THETA_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def _strides(shape) -> list[int]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Blocks) -> _Plan:
+    na_dec = len(cfg.adafactor_decays)
+    meta, chunks, desc, k1, k2, rf_offsets = [], [], [], [], [], []
+    n_chunks = 0
+    part_size = 0
+    rf_size = 0
+    for t, shape in enumerate(shapes):
+        n = math.prod(shape)
+        c_lo = n_chunks
+        for s in range(0, n, blocks.chunk):
+            chunks.append((t, s))
+        n_chunks = len(chunks)
+        dims = factored_dims(shape)
+        if dims is None:
+            meta.append([n, n, n, 1, 1, 1, 1, 0, 0, c_lo, n_chunks, 0])
+            rf_offsets.append(-1)
+            continue
+        a, b = dims
+        st = _strides(shape)
+        na_, nb_ = shape[a], shape[b]
+        sa, sb = st[a], st[b]
+        rsize, csize = n // nb_, n // na_
+        sa_r = sa if a > b else sa // nb_
+        meta.append([n, rsize, csize, sb * nb_, sb, sa * na_, sa, 1, rf_size, c_lo, n_chunks, 0])
+        rf_offsets.append(rf_size)
+        # kind 0: row accumulator lines (reduce dim b); kind 1: column lines (reduce dim a)
+        for kind, (nlines, length, stride) in enumerate(((rsize, nb_, sb), (csize, na_, sa))):
+            nseg = -(-length // blocks.red_seg)
+            di = len(desc)
+            ng = rsize // na_
+            desc.append([t, kind, nlines, length, stride, nseg, part_size, sa_r, na_, ng, rf_size, 0])
+            part_size += nseg * nlines
+            for seg in range(nseg):
+                for j0 in range(0, nlines, blocks.red_lines):
+                    k1.append((di, j0, seg))
+            for k in range(na_dec):
+                if kind == 1:
+                    k2.extend((di, j0, k) for j0 in range(0, nlines, blocks.fin_block))
+                else:
+                    k2.extend((di, g0, k) for g0 in range(0, ng, blocks.fin_groups))
+        rf_size += na_dec * rsize
+
+    def i64(rows, cols):
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, cols).to(device)
+
+    def i32(rows, cols):
+        return torch.tensor(rows, dtype=torch.int32).reshape(-1, cols).to(device)
+
+    f32 = dict(dtype=torch.float32, device=device)
+    return _Plan(
+        n_tensors=len(shapes), meta=i64(meta, META_COLS), chunks=i32(chunks, 2), n_chunks=n_chunks,
+        desc=i64(desc, DESC_COLS) if desc else None, k1_tasks=i32(k1, 3) if k1 else None,
+        k2_tasks=i32(k2, 3) if k2 else None,
+        part1=torch.empty(max(part_size, 1), **f32) if desc else None,
+        rowfac=torch.empty(max(rf_size, 1), **f32) if desc else None, rf_offsets=rf_offsets,
+        stats=torch.empty((max(n_chunks, 1), 32), **f32), scale=torch.empty((len(shapes), 32), **f32),
+    )
+
+
+def _get_plan(shapes, cfg, device, blocks) -> _Plan:
+    key = (tuple(shapes), len(cfg.adafactor_decays), str(device), blocks)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _build_plan(shapes, cfg, device, blocks)
+        _PLANS[key] = plan
+        while len(_PLANS) > _CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def _pack_theta(theta: dict[str, Tensor], cfg: LOConfig, device) -> tuple[Tensor, ...]:
+    """Weights in the kernel's layout: w0 rows moved to the feature-tile columns (zero rows for unused
+    slots), hidden layers stacked, output layer (H, 2). Cached on the tensors' identity and version."""
+    key = (str(device), cfg) + tuple(
+        (k, v.data_ptr(), v._version, tuple(v.shape)) for k, v in sorted(theta.items()))
+    hit = _THETA_CACHE.get(key)
+    if hit is not None:
+        return hit
+    h = cfg.hidden_width
+    f32 = dict(dtype=torch.float32, device=device)
+    slots = feature_slots(cfg)
+    cols = torch.tensor([slot_column(s) for s in slots], device=device)
+    w0 = torch.zeros((KPAD, h), **f32)
+    w0[cols] = theta["w0"][: len(slots)].to(**f32)
+    n_mid = cfg.hidden_layers - 1
+    if n_mid > 0:
+        wm = torch.stack([theta[f"w{i}"].to(**f32) for i in range(1, n_mid + 1)]).contiguous()
+        bm = torch.stack([theta[f"b{i}"].to(**f32) for i in range(1, n_mid + 1)]).contiguous()
+    else:
+        wm, bm = torch.zeros((1, h, h), **f32), torch.zeros((1, h), **f32)
+    last = cfg.hidden_layers
+    wo = theta[f"w{last}"].to(**f32).contiguous()
+    bo = theta[f"b{last}"].to(**f32).contiguous()
+    packed = (w0, wm, bm, wo, bo)
+    _THETA_CACHE[key] = packed
+    while len(_THETA_CACHE) > _CACHE_SIZE:
+        _THETA_CACHE.popitem(last=False)
+    return packed
+
+
+def _f32(x: float) -> float:
+    """The fp32 value of ``x`` as a Python float (what torch uses for a scalar in fp32 arithmetic)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _coefficients(cfg: LOConfig) -> dict[str, float]:
+    """Decays d and (1 - d) exactly as the reference rounds them (tensor decays: 1 - fp32(d);
+    the Python-float rms decay: fp32(1 - d))."""
+    out = {}
+    for name, decays in (("md", cfg.momentum_decays), ("ad", cfg.adafactor_decays)):
+        t = torch.tensor(list(decays) + [0.0] * (3 - len(decays)), dtype=torch.float32)
+        for k in range(3):
+            out[f"{name}{k}"] = float(t[k])
+            out[f"o{name}{k}"] = float(1 - t[k])
+    out["rd"] = _f32(cfg.rms_decay)
+    out["ord_"] = _f32(1 - cfg.rms_decay)
+    return out
+
+
+def _launch_group(items, cfg: LOConfig, consts, packed, precision: str, blocks: Blocks,
+                  p_kind: int, g_kind: int, aligned: bool) -> None:
+    """Run K1..K5 over one group of tensors sharing parameter/gradient dtypes."""
+    device = items[0][1].device
+    shapes = [tuple(it[1].shape) for it in items]
+    plan = _get_plan(shapes, cfg, device, blocks)
+    ptrs = []
+    for t, (g, p, m, v, row, col) in enumerate(items):
+        if plan.rf_offsets[t] >= 0:
+            rf = plan.rowfac.data_ptr() + 4 * plan.rf_offsets[t]
+            ptrs.append((g.data_ptr(), p.data_ptr(), m.data_ptr(), v.data_ptr(), row.data_ptr(),
+                         col.data_ptr(), rf))
+        else:
+            r = row.data_ptr()
+            ptrs.append((g.data_ptr(), p.data_ptr(), m.data_ptr(), v.data_ptr(), r, r, r))
+    key = tuple(ptrs)
+    if plan.ptr_key != key:
+        plan.ptr_tab = torch.tensor(ptrs, dtype=torch.int64).to(device)
+        plan.ptr_key = key
+    ptr_tab = plan.ptr_tab
+    coef = _coefficients(cfg)
+    ad = dict(ad0=coef["ad0"], oad0=coef["oad0"], ad1=coef["ad1"], oad1=coef["oad1"],
+              ad2=coef["ad2"], oad2=coef["oad2"])
+    nw = blocks.num_warps
+    grad_clip = _f32(cfg.grad_clip)
+    if plan.k1_tasks is not None:
+        _fac_partial_kernel[(plan.k1_tasks.shape[0],)](
+            plan.k1_tasks, plan.desc, ptr_tab, plan.part1, grad_clip, G_KIND=g_kind,
+            BL=blocks.red_lines, BLEN=blocks.red_len, SEG=blocks.red_seg, num_warps=nw)
+        _fac_finalize_kernel[(plan.k2_tasks.shape[0],)](
+            plan.k2_tasks, plan.desc, ptr_tab, plan.part1, plan.rowfac, **ad,
+            BLK=blocks.fin_block, BG=blocks.fin_groups, BA=blocks.fin_len, num_warps=nw)
+    ck = dict(NM=len(cfg.momentum_decays), NA=len(cfg.adafactor_decays), P_KIND=p_kind,
+              G_KIND=g_kind, ALIGNED=aligned, BLOCK=blocks.block, CHUNK=blocks.chunk)
+    _stats_kernel[(plan.n_chunks,)](plan.chunks, ptr_tab, plan.meta, plan.stats, grad_clip, **coef,
+                                    **ck, num_warps=nw)
+    _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, plan.scale, RB=blocks.scale_rows,
+                                     num_warps=nw)
+    sc, b0 = consts
+    w0, wm, bm, wo, bo = packed
+    _main_kernel[(plan.n_chunks,)](
+        plan.chunks, ptr_tab, plan.meta, plan.scale, sc, w0, b0, wm, bm, wo, bo, grad_clip,
+        _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update), **coef,
+        H=cfg.hidden_width, NUM_MID=cfg.hidden_layers - 1, NOMINAL=cfg.nominal == "adam",
+        PREC=precision, RELOAD=blocks.reload_vectors, **ck, num_warps=nw)
+
+
+def _aligned(t: Tensor, n_slices: int = 1) -> bool:
+    """Base 16-byte aligned and (for stacked state) every slice too."""
+    return t.data_ptr() % 16 == 0 and (n_slices == 1 or (t.numel() // n_slices * 4) % 16 == 0)
+
+
+def lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict, theta: dict[str, Tensor],
+            cfg: LOConfig, *, precision: str = "ieee", inplace: bool = False,
+            blocks: Blocks = DEFAULT_BLOCKS):
+    """One fused learned-optimizer step; the interface and results of
+    :func:`kernels.lo_step_reference.lo_step_reference` / ``BoundLearnedOptimizer.update``.
+
+    ``precision``: ``tl.dot`` input precision, ``"ieee"`` (exact fp32), ``"tf32"`` (tensor cores) or
+    ``"tf32x3"``. ``inplace=True`` updates the parameter and state tensors in place and returns them
+    (the fast path for a ``torch.optim`` front end); ``inplace=False`` clones them first, so nothing
+    the caller holds is mutated (the functional contract of ``optimizers``). Either way the returned
+    state has a new ``step`` tensor. Non-contiguous tensors are handled through contiguous copies
+    (copied back afterwards). Not differentiable.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not params:
+        return {}, {**state, "step": state["step"] + 1}
+    reason = unsupported(cfg, params, grads, state)
+    if reason:
+        raise NotImplementedError(f"lo_step (Triton) cannot run this step: {reason}")
+    with torch.no_grad():
+        return _lo_step(params, grads, state, theta, cfg, precision, inplace, blocks)
+
+
+def _lo_step(params, grads, state, theta, cfg: LOConfig, precision: str, inplace: bool, blocks: Blocks):
+    def clone(t: Tensor) -> Tensor:  # in place: the caller's very tensors (written through pointers)
+        return t if inplace else t.detach().clone(memory_format=torch.contiguous_format)
+
+    new_params = {k: clone(p) for k, p in params.items()}
+    new_state: dict = {"step": state["step"] + 1,  # where the caller keeps it (optimizers.learned: CPU)
+                       "m": {}, "v": {}, "row": {}, "col": {}}
+    for key in ("m", "v", "row", "col"):
+        for k, t in state[key].items():
+            new_state[key][k] = clone(t)
+    device = next(iter(params.values())).device
+    k0 = step_constants(state["step"], theta, cfg, device=device)
+    sc = torch.stack([k0.bc1.float(), k0.bc2.float(), k0.lr.float(), torch.zeros((), device=device)])
+    consts = (sc.contiguous(), k0.b0.float().contiguous())
+    packed = _pack_theta(theta, cfg, device)
+
+    writeback: list[tuple[Tensor, Tensor]] = []
+
+    def contig(t: Tensor, write: bool) -> Tensor:
+        if t.is_contiguous():
+            return t
+        c = t.contiguous()
+        if write:  # the kernels write c; the caller's tensor gets it afterwards
+            writeback.append((t, c))
+        return c
+
+    nm = len(cfg.momentum_decays)
+    groups: dict[tuple, list] = {}
+    for k, p in new_params.items():
+        if p.numel() == 0:  # nothing to update; state left as it is
+            continue
+        g = contig(grads[k], False)
+        if g.device != p.device or g.shape != p.shape:
+            raise ValueError(f"gradient {k!r} ({tuple(g.shape)} on {g.device}) does not match its "
+                             f"parameter ({tuple(p.shape)} on {p.device})")
+        row = contig(new_state["row"][k], True)
+        col = contig(new_state["col"][k], True) if k in new_state["col"] else row  # rank < 2: unused
+        item = (g, contig(p, True), contig(new_state["m"][k], True), contig(new_state["v"][k], True), row, col)
+        aligned = _aligned(item[0]) and _aligned(item[1]) and _aligned(item[2], nm) and _aligned(item[3])
+        groups.setdefault((_KIND[p.dtype], _KIND[g.dtype], aligned), []).append(item)
+    for (p_kind, g_kind, aligned), items in groups.items():
+        _launch_group(items, cfg, consts, packed, precision, blocks, p_kind, g_kind, aligned)
+    for orig, c in writeback:
+        orig.copy_(c)
+    return new_params, new_state

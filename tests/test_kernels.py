@@ -1,0 +1,305 @@
+"""Fused learned-optimizer step: Triton kernels (CPU interpreter) == PyTorch reference == optimizers.
+
+The Triton kernels run under ``TRITON_INTERPRET=1``. Triton decides between interpreter and compiler when
+a function is decorated, its own library functions (``tl.sum``, ...) included, so the variable must be
+set before triton is first imported in this process, and it stays set: it is process-wide. (No other
+test here uses compiled Triton; the CUDA checks of the compiled kernels, ``tests/test_kernels_cuda.py``,
+run in a subprocess for that reason.) This module loads its own copy of ``kernels/lo_step_triton.py``
+under a private name, so ``kernels.lo_step_triton`` itself is never the interpreted copy.
+
+Tile sizes are tiny so that chunk loops, masked tails, several chunks per tensor and several reduction
+segments per line all occur on tensors of a few dozen elements.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module is imported
+
+import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+lt, _SKIP, _LOAD_ERROR = None, None, None
+try:
+    import triton  # noqa: E402,F401
+    import triton.language as tl  # noqa: E402
+except ImportError as e:  # no triton: the kernel tests skip, the reference tests run
+    _SKIP = f"triton not importable: {e!r}"
+else:
+    if type(tl.standard.sum).__name__ != "InterpretedFunction":
+        _SKIP = ("triton was imported in compiled mode before this module (TRITON_INTERPRET unset); "
+                 "run `TRITON_INTERPRET=1 pytest tests/test_kernels.py`")
+    else:
+        _NAME = "kernels._lo_step_triton_interpreted"
+        try:
+            _spec = importlib.util.spec_from_file_location(_NAME, ROOT / "kernels" / "lo_step_triton.py")
+            lt = importlib.util.module_from_spec(_spec)
+            sys.modules[_NAME] = lt  # dataclasses look their module up there
+            _spec.loader.exec_module(lt)
+        except Exception as e:  # a broken kernel module is a failure, not a skip (see the fixture)
+            lt, _LOAD_ERROR = None, e
+            sys.modules.pop(_NAME, None)
+
+import kernels  # noqa: E402
+from kernels.lo_step_reference import bytes_per_element, lo_step_reference  # noqa: E402
+from optimizers.learned import LearnedOptimizer, LOConfig  # noqa: E402
+from optimizers.tree import flatten  # noqa: E402
+
+needs_triton = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
+
+
+@pytest.fixture(autouse=True)
+def _kernel_module_loaded(request):
+    if request.node.get_closest_marker("skipif") and _LOAD_ERROR is not None:
+        pytest.fail(f"kernels/lo_step_triton.py failed to load under the interpreter: {_LOAD_ERROR!r}")
+
+
+if lt is not None:
+    TINY = lt.Blocks(block=16, chunk_iters=2, red_lines=4, red_len=4, red_seg=8, fin_block=4,
+                     fin_groups=2, fin_len=4, scale_rows=2, num_warps=1)
+
+# 0-d, 1-d (odd, one chunk tail; several chunks), 2-d (a < b, a > b, a size-1 dim, several chunks
+# and several reduction segments per line), 3-d with the largest dims not adjacent, 4-d
+SHAPES = {
+    "scalar": (), "bias": (7,), "long": (37,), "w": (5, 7), "tall": (40, 3), "row1": (1, 9),
+    "w3": (6, 2, 5), "conv": (3, 4, 5, 2), "big": (9, 21),
+}
+LEARNED = dict(nominal="none", output_init_scale=1.0)  # the MLP term dominates the update
+
+
+def make_problem(cfg: LOConfig, shapes=SHAPES, seed=0, pdtype=torch.float32, steps=0):
+    """theta, params, state after ``steps`` reference steps (non-zero accumulators), a grad maker."""
+    lo = LearnedOptimizer(cfg)
+    theta = lo.init_theta(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    if "nominal_time_w" in theta:  # a learned nominal-lr schedule (zero at init)
+        theta["nominal_time_w"] = torch.randn(theta["nominal_time_w"].shape, generator=gen) * 0.3
+
+    def rand(shape, scale):
+        return (torch.randn(shape, generator=gen) * scale).to(pdtype)
+
+    params = {k: rand(s, 0.05) for k, s in shapes.items()}  # small: rounding of p << the step
+    state = lo.bind(theta).init(params)
+
+    def grads():
+        out = {k: rand(s, 2.0) for k, s in shapes.items()}
+        if "bias" in out:  # sanitising: NaN -> 0, +-inf and huge -> +-grad_clip
+            out["bias"][0], out["bias"][1], out["bias"][2] = float("nan"), float("inf"), -3e3
+        if "w" in out:
+            out["w"][0, 0], out["w"][1, 2] = float("nan"), float("-inf")
+        return out
+
+    for _ in range(steps):
+        params, state = lo_step_reference(params, grads(), state, theta, cfg)
+    return theta, params, state, grads
+
+
+def assert_same_step(ref, got, params, *, rtol=1e-5, ulps=1):
+    """Updates agree to ``rtol`` of the tensor's largest update plus ``ulps`` units in the last place of
+    the parameter dtype of ``p`` and of ``delta`` (the reference rounds ``delta`` to p's dtype, then
+    ``p - delta``); the state agrees elementwise."""
+    (p_ref, s_ref), (p_got, s_got) = ref, got
+    assert p_ref.keys() == p_got.keys()
+    for k in p_ref:
+        assert p_got[k].shape == p_ref[k].shape and p_got[k].dtype == p_ref[k].dtype, k
+        step = (p_ref[k].double() - params[k].double())
+        tol = rtol * step.abs().amax().item() if step.numel() else 0.0
+        tol = tol + ulps * torch.finfo(p_ref[k].dtype).eps * (p_ref[k].double().abs() + step.abs())
+        err = (p_got[k].double() - p_ref[k].double()).abs()
+        assert bool((err <= tol).all()), f"{k}: max err {err.amax().item():.3g} vs step {step.abs().amax():.3g}"
+    f_ref, f_got = flatten(s_ref), flatten(s_got)
+    assert f_ref.keys() == f_got.keys()
+    for k in f_ref:
+        torch.testing.assert_close(f_got[k], f_ref[k], rtol=1e-5, atol=1e-30, msg=k)
+
+
+# ---- reference == optimizers.learned ---------------------------------------------------------------
+@pytest.mark.parametrize("cfg", [
+    LOConfig(),
+    LOConfig(**LEARNED),
+    LOConfig(**LEARNED, features=("momentum", "grad", "fac_mom", "rsqrt_col", "row"),
+             momentum_decays=(0.5, 0.9), adafactor_decays=(0.99,), hidden_layers=1, hidden_width=16),
+], ids=["default", "learned-term", "subset"])
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reference_equals_learned_optimizer(cfg, pdtype):
+    theta, params, state, grads = make_problem(cfg, pdtype=pdtype)
+    bound = LearnedOptimizer(cfg).bind(theta)
+    for _ in range(3):
+        g = grads()
+        ref = lo_step_reference(params, g, state, theta, cfg)
+        assert_same_step(bound.update(g, state, params), ref, params)
+        params, state = ref
+
+
+def test_reference_is_pure_and_handles_empty():
+    cfg = LOConfig()
+    theta, params, state, grads = make_problem(cfg, shapes={"w": (3, 4), "b": (4,)})
+    before = {k: v.clone() for k, v in flatten({"p": params, "s": state}).items()}
+    lo_step_reference(params, grads(), state, theta, cfg)
+    for k, v in flatten({"p": params, "s": state}).items():
+        assert torch.equal(v, before[k]), k
+    new_p, new_s = lo_step_reference({}, {}, state, theta, cfg)
+    assert new_p == {} and float(new_s["step"]) == float(state["step"]) + 1
+
+
+# ---- Triton (interpreter) == reference --------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("cfg", [
+    LOConfig(),
+    LOConfig(**LEARNED),
+    LOConfig(**LEARNED, features=("fac_mom", "momentum", "grad", "rsqrt_col", "row", "param"),
+             momentum_decays=(0.5, 0.9), adafactor_decays=(0.99,), hidden_layers=1, hidden_width=16),
+    LOConfig(**LEARNED, hidden_layers=3, rms_decay=0.95, time_taus=(10.0, 100.0)),
+], ids=["default", "learned-term", "subset-1layer", "3layers"])
+def test_kernel_equals_reference(cfg):
+    theta, params, state, grads = make_problem(cfg, steps=1)
+    for _ in range(2):
+        g = grads()
+        ref = lo_step_reference(params, g, state, theta, cfg)
+        got = lt.lo_step(params, g, state, theta, cfg, blocks=TINY)
+        assert_same_step(ref, got, params)
+        params, state = ref
+
+
+@needs_triton
+def test_kernel_noncontiguous_inplace():
+    """Transposed / strided parameters, gradients and state; in place and functional."""
+    cfg = LOConfig(**LEARNED)
+    shapes = {"w": (5, 7), "v": (11,), "c": (3, 4, 5, 2)}
+    theta, params, state, grads = make_problem(cfg, shapes=shapes, steps=1)
+    g = grads()
+    ref = lo_step_reference(params, g, state, theta, cfg)
+
+    def noncontig(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 0:
+            return t.clone()
+        if t.dim() == 1:  # every other element of a buffer twice as long
+            buf = torch.zeros(2 * t.numel(), dtype=t.dtype)
+            out = buf[::2]
+        else:  # a permuted copy
+            out = t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
+        out.copy_(t)
+        assert not out.is_contiguous()
+        return out
+
+    p_nc = {k: noncontig(v) for k, v in params.items()}
+    g_nc = {k: noncontig(v) for k, v in g.items()}
+    s_nc = {"step": state["step"].clone(),
+            **{key: {k: noncontig(v) for k, v in state[key].items()} for key in ("m", "v", "row", "col")}}
+    snapshot = {k: v.clone() for k, v in flatten({"p": p_nc, "s": s_nc}).items()}
+    got = lt.lo_step(p_nc, g_nc, s_nc, theta, cfg, blocks=TINY)  # functional: inputs untouched
+    assert_same_step(ref, got, params)
+    for k, v in flatten({"p": p_nc, "s": s_nc}).items():
+        assert torch.equal(v, snapshot[k]), k
+    got = lt.lo_step(p_nc, g_nc, s_nc, theta, cfg, blocks=TINY, inplace=True)
+    assert_same_step(ref, got, params)
+    for k in params:  # the caller's (non-contiguous) tensors now hold the new values
+        assert got[0][k] is p_nc[k] and torch.equal(p_nc[k], got[0][k])
+        assert got[1]["m"][k] is s_nc["m"][k]
+    assert_same_step(ref, ({k: v.clone() for k, v in p_nc.items()}, got[1]), params)
+
+
+@needs_triton
+def test_kernel_bf16_params_and_grads():
+    cfg = LOConfig(**LEARNED)
+    shapes = {"w": (5, 7), "v": (11,), "s": ()}
+    theta, params, state, grads = make_problem(cfg, shapes=shapes, pdtype=torch.bfloat16, steps=1)
+    g = grads()
+    ref = lo_step_reference(params, g, state, theta, cfg)
+    got = lt.lo_step(params, g, state, theta, cfg, blocks=TINY)
+    assert_same_step(ref, got, params, ulps=1)  # p - bf16(delta) may round the other way (1 bf16 ulp)
+
+
+@needs_triton
+def test_kernel_tf32_option_and_edge_cases():
+    cfg = LOConfig()
+    theta, params, state, grads = make_problem(cfg, shapes={"w": (4, 6), "b": (6,)}, steps=1)
+    params["empty"] = torch.zeros(0, 3)  # skipped: unchanged, state unchanged
+    state["m"]["empty"], state["v"]["empty"] = torch.zeros(3, 0, 3), torch.zeros(0, 3)
+    state["row"]["empty"], state["col"]["empty"] = torch.zeros(3, 0, 1), torch.zeros(3, 1, 3)
+    g = grads()
+    g["empty"] = torch.zeros(0, 3)
+    ref = lo_step_reference(params, g, state, theta, cfg)
+    # the interpreter computes tl.dot exactly whatever the precision; on a GPU tf32 needs ~1e-3
+    got = lt.lo_step(params, g, state, theta, cfg, blocks=TINY, precision="tf32")
+    assert_same_step(ref, got, params, rtol=1e-3)
+    assert got[0]["empty"].shape == (0, 3)
+    new_p, new_s = lt.lo_step({}, {}, state, theta, cfg)
+    assert new_p == {} and float(new_s["step"]) == float(state["step"]) + 1
+    with pytest.raises(ValueError, match="precision"):
+        lt.lo_step(params, g, state, theta, cfg, precision="bf16")
+    with pytest.raises(NotImplementedError, match="decays"):
+        lt.lo_step(params, g, state, theta, LOConfig(momentum_decays=(0.1, 0.5, 0.9, 0.99)))
+    assert lt.unsupported(LOConfig(hidden_width=24), params) is not None
+
+
+@needs_triton
+def test_feature_tile_layout():
+    """Column j of the joined tile is slot bitreverse5(j) (the host folds this into w0's rows)."""
+    assert sorted(lt.slot_column(s) for s in range(32)) == list(range(32))
+    assert [lt.slot_column(s) for s in (0, 1, 2, 3, 16)] == [0, 16, 8, 24, 1]
+
+
+# ---- dispatch and benchmark script -------------------------------------------------------------------
+def test_use_kernels_env(monkeypatch):
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    assert kernels.use_kernels("cpu") is False
+    assert kernels.use_kernels(None) is False
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # interpreted CUDA launches: never by default
+    assert kernels.use_kernels("cuda") is False
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert kernels.use_kernels("cuda") is kernels.triton_available()
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels.use_kernels("cuda") is False
+    monkeypatch.setenv(kernels.ENV, "1")
+    assert kernels.use_kernels("cpu") is kernels.triton_available()
+    monkeypatch.setenv(kernels.ENV, "maybe")
+    with pytest.raises(ValueError):
+        kernels.use_kernels("cpu")
+
+
+def test_bench_script_parses_and_needs_cuda(tmp_path):
+    from kernels import bench_lo_step
+
+    args = bench_lo_step.parse_args(["--sizes", "1e6,4e6", "--repeats", "5", "--out", str(tmp_path)])
+    assert args.sizes == [1_000_000, 4_000_000] and args.repeats == 5
+    assert bytes_per_element(LOConfig())["minimum"] == 44
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the no-CUDA exit path is not reachable here")
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench_lo_step", "--sizes", "1e6"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "CUDA" in proc.stderr
+
+
+def test_bench_roofline_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kernels import bench_lo_step
+
+    m = {"median_s": 0.02, "TFLOP_per_s": 23.0, "bytes": 4.4e9}
+    result = {"device": "test", "copy_bandwidth_GB_per_s": 3000.0,
+              "sizes": [{"params": 1e8, "methods": {"triton_tf32": m, "adamw_fused": {**m, "TFLOP_per_s": 0.0},
+                                                    "reference": {"skipped": "out of memory"}}}]}
+    bench_lo_step.roofline_png(result, tmp_path / "roof.png", 495.0, 67.0)
+    assert (tmp_path / "roof.png").stat().st_size > 1000
+
+
+@needs_triton
+def test_kernels_compile_for_sm90():
+    """The real compiler (no GPU needed) accepts every kernel variant the interpreter runs."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 3:
+        pytest.skip(f"no ahead-of-time compilation with this triton: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"

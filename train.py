@@ -100,19 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
 
-    p = sub.add_parser("run", help="meta-train then evaluate (what a bare 'python train.py' does)")
-    _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
-    _add_config_flags(p)
-
-    p = sub.add_parser("meta-train", help="meta-train a learned optimizer",
-                       description="Meta-train a learned optimizer on a task distribution; checkpoints "
-                                   "to OUT_DIR/checkpoint, metrics to OUT_DIR/metrics.jsonl (+ W&B).")
-    _common(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
-    _add_config_flags(p)
+    for name, kw in (
+        ("run", dict(help="meta-train then evaluate (what a bare 'python train.py' does)")),
+        ("meta-train", dict(help="meta-train a learned optimizer",
+                            description="Meta-train a learned optimizer on a task distribution; checkpoints "
+                                        "to OUT_DIR/checkpoint, metrics to OUT_DIR/metrics.jsonl (+ W&B).")),
+    ):
+        p = sub.add_parser(name, **kw)
+        _common(p)
+        p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
+        _add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="compare a learned optimizer with tuned Adam on held-out tasks",
                        description="Evaluate a learned-optimizer (or meta-training) checkpoint against Adam "
@@ -217,8 +215,6 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
 
     from meta.evaluate import evaluate, write_report
     from optimizers import checkpoint as ckpt
-    from optimizers.hand import Adam
-    from optimizers.learned import LearnedOptimizer
     from tasks import get_distribution, seeded
 
     path = Path(checkpoint) if checkpoint else Path(cfg.out_dir) / "checkpoint"

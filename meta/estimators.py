@@ -282,20 +282,28 @@ class TruncatedES(Estimator):
         diff = (ml[: self.pairs] - ml[self.pairs:]) / (2 * self.sigma**2)
         return {k: torch.einsum("p,p...->...", diff, v) / self.pairs for k, v in direction.items()}
 
+    state_in_dims: int | None = None  # all 2*pairs unrolls start from the member's one shared state
+
+    def _carry(self, m: Member, params: Tree, opt_state: Tree, eps: Params) -> Params:
+        """Keep the state for the next truncation; returns the direction the estimate multiplies."""
+        # truncated ES: the persistent trajectory continues along the first "+" member
+        m.params = tree_map(lambda t: t[0].detach(), params)
+        m.opt_state = tree_map(lambda t: t[0].detach(), opt_state)
+        return eps
+
     def member_estimate(self, theta, state, i, step):
         m = state.members[i]
         task = self.task_of(m)
         n = self.steps_this_truncation(m)
         train, valid = self.batches(i, m, n)
         eps = self._eps(theta, step, i)
-        ml, params, opt_state, losses = self._run(self._signed_thetas(theta, eps), m, train, valid, None)
+        ml, params, opt_state, losses = self._run(self._signed_thetas(theta, eps), m, train, valid,
+                                                  self.state_in_dims)
         ml, finite = self._clean(task, ml, losses)
-        # the persistent trajectory continues along the first "+" member
-        m.params = tree_map(lambda t: t[0].detach(), params)
-        m.opt_state = tree_map(lambda t: t[0].detach(), opt_state)
+        direction = self._carry(m, params, opt_state, eps)
         finite = finite and all_finite(m.params)
         self._advance(theta, state, i, n, finite)
-        return self._grad(ml, eps), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
+        return self._grad(ml, direction), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
 
 
 class PES(TruncatedES):
@@ -309,20 +317,12 @@ class PES(TruncatedES):
         m.opt_state = tree_map(lambda t: t.unsqueeze(0).repeat(two_p, *[1] * t.dim()), m.opt_state)
         m.extra = {"xi": {k: torch.zeros((self.pairs, *v.shape), dtype=v.dtype) for k, v in theta.items()}}
 
-    def member_estimate(self, theta, state, i, step):
-        m = state.members[i]
-        task = self.task_of(m)
-        n = self.steps_this_truncation(m)
-        train, valid = self.batches(i, m, n)
-        eps = self._eps(theta, step, i)
-        xi = {k: m.extra["xi"][k] + eps[k] for k in eps}
-        ml, params, opt_state, losses = self._run(self._signed_thetas(theta, eps), m, train, valid, 0)
-        ml, finite = self._clean(task, ml, losses)
+    state_in_dims = 0  # each of the 2*pairs unrolls continues its own persistent state
+
+    def _carry(self, m, params, opt_state, eps):
         m.params, m.opt_state = detach(params), detach(opt_state)
-        m.extra = {"xi": xi}
-        finite = finite and all_finite(m.params)
-        self._advance(theta, state, i, n, finite)
-        return self._grad(ml, xi), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
+        m.extra = {"xi": {k: m.extra["xi"][k] + eps[k] for k in eps}}
+        return m.extra["xi"]
 
 
 ESTIMATORS = {"tbptt": TruncatedBackprop, "es": TruncatedES, "pes": PES}

@@ -26,7 +26,7 @@ from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer
 from optimizers.hand import Adam
 from optimizers.learned import LearnedOptimizer
-from optimizers.tree import Params, flatten, tree_map
+from optimizers.tree import Params, flatten
 from tasks import get_distribution, seeded
 
 CHECKPOINT_DIR = "checkpoint"

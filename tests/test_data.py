@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import gzip
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run without installing the package
 
 from tasks import build_task, get_distribution  # noqa: E402
 from tasks.data import ENV_VAR, DatasetError, get_dataset, read_idx, resize  # noqa: E402

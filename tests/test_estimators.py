@@ -108,7 +108,7 @@ class _NanFamily(TaskFamily):
         return {}
 
     def build(self, config):
-        fam = self
+
 
         class _T(Task):
             def __init__(self):

@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run without installing the package
 
 from meta import stats  # noqa: E402
 from meta.evaluate import (DEFAULT_ADAM_LRS, DEFAULT_SGDM_LRS, TUNED_ADAM, TUNED_SGDM, curve_steps,  # noqa: E402

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.func import grad, vmap
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run without installing the package
 
 from optimizers.hand import SGD, Adam  # noqa: E402
 from optimizers.tree import stack  # noqa: E402

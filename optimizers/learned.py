@@ -23,7 +23,7 @@ clamped to ``max_update``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -153,6 +153,52 @@ def _normalize(x: Tensor) -> Tensor:
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
 
 
+_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _kernels_disabled(kernels: bool | None, device: torch.device) -> str | None:
+    """None when the Triton kernels may run on ``device`` given the ``kernels`` setting, else why not.
+
+    Imports only the light :mod:`kernels` package (triton itself only when asked)."""
+    import os
+
+    from kernels import ENV, triton_available, use_kernels
+
+    if kernels is None:
+        return None if use_kernels(device) else f"kernels not enabled for {device} (auto)"
+    if not kernels:
+        return "kernels=False"
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return f"{ENV}=0"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return f"device {device} needs TRITON_INTERPRET=1"
+    if not triton_available():
+        return "triton not importable"
+    return None
+
+
+def _traced_reason(tensors: list) -> str | None:
+    """Why these tensors must stay on the PyTorch path: autograd, torch.func transforms, tracing."""
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return "torch.compile tracing"
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    batched = getattr(functorch, "is_batchedtensor", None)
+    grad_enabled = torch.is_grad_enabled()
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            return f"non-tensor {type(t).__name__}"
+        if (wrapped is not None and wrapped(t)) or (batched is not None and batched(t)):
+            return "torch.func transform (vmap / grad)"
+        if type(t) not in (Tensor, torch.nn.Parameter):
+            return f"tensor subclass {type(t).__name__}"
+        if grad_enabled and t.requires_grad:
+            return "autograd (a tensor requires grad)"
+    return None
+
+
 class LearnedOptimizer:
     """The architecture. ``bind(theta)`` returns a functional :class:`~optimizers.base.Optimizer`."""
 
@@ -186,8 +232,21 @@ class LearnedOptimizer:
     def num_theta(self) -> int:
         return sum(t.numel() for t in self.init_theta(0).values())
 
-    def bind(self, theta: Params) -> "BoundLearnedOptimizer":
-        return BoundLearnedOptimizer(self.config, theta)
+    def bind(self, theta: Params, *, kernels: bool | None = None,
+             precision: str = "tf32") -> "BoundLearnedOptimizer":
+        """The functional optimizer with weights ``theta``.
+
+        ``kernels``: whether ``update`` may use the fused Triton step (:mod:`kernels`). ``None``
+        (default) decides per call by :func:`kernels.use_kernels` (on for CUDA tensors when triton is
+        available; ``OUROBOROS_KERNELS=0/1`` overrides); ``False`` never; ``True`` wherever the kernels
+        can run (CUDA, or any device under ``TRITON_INTERPRET=1``), unless ``OUROBOROS_KERNELS=0``.
+        Either way ``update`` falls back to PyTorch when the step needs autograd (truncated backprop,
+        meta-gradients), runs under ``torch.func`` transforms (vmap, grad) or ``torch.compile``, or the
+        kernels do not support the configuration or tensors (see :meth:`BoundLearnedOptimizer.kernel_reason`).
+        ``precision``: ``tl.dot`` input precision of the kernels (``"tf32"``, ``"ieee"``, ``"tf32x3"``).
+        Neither is part of :class:`LOConfig` (checkpoints are unaffected).
+        """
+        return BoundLearnedOptimizer(self.config, theta, kernels=kernels, precision=precision)
 
     def flops_per_element(self) -> int:
         sizes = self.layer_sizes()
@@ -201,9 +260,39 @@ class LearnedOptimizer:
 class BoundLearnedOptimizer:
     """A learned optimizer bound to weights ``theta``: the same interface as Adam."""
 
-    def __init__(self, config: LOConfig, theta: Params):
+    def __init__(self, config: LOConfig, theta: Params, *, kernels: bool | None = None,
+                 precision: str = "tf32"):
+        if kernels not in (None, True, False):
+            raise TypeError(f"kernels must be None, True or False, got {kernels!r}")
+        if precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
         self.config = config
         self.theta = theta
+        self.kernels = kernels
+        self.precision = precision
+
+    # ---- dispatch ---------------------------------------------------------------------------
+    def kernel_reason(self, grads: Params, state: dict, params: Params) -> str | None:
+        """Why ``update(grads, state, params)`` would run the PyTorch code; None when it would run the
+        fused Triton step (:func:`kernels.lo_step_triton.lo_step`)."""
+        if self.kernels is False:
+            return "kernels=False"
+        if not params:
+            return "no parameters"
+        device = next(iter(params.values())).device
+        reason = _kernels_disabled(self.kernels, device)
+        if reason:
+            return reason
+        tensors = [*params.values(), *grads.values(), *self.theta.values(), state["step"],
+                   *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
+        reason = _traced_reason(tensors)
+        if reason:
+            return reason
+        if set(grads) != set(params):
+            return "gradients and parameters have different names"
+        from kernels.lo_step_triton import unsupported
+
+        return unsupported(self.config, params, grads, state)
 
     # ---- state ------------------------------------------------------------------------------
     def init(self, params: Params) -> dict:
@@ -303,6 +392,10 @@ class BoundLearnedOptimizer:
         c = self.config
         if not params:
             return {}, {**state, "step": state["step"] + 1}
+        if self.kernels is not False and self.kernel_reason(grads, state, params) is None:
+            from kernels.lo_step_triton import lo_step
+
+            return lo_step(params, grads, state, self.theta, c, precision=self.precision, inplace=False)
         step = state["step"] + 1
         new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
         inputs, adam_terms, sizes = [], [], []

@@ -135,6 +135,15 @@ def apply_group(p: Tensor, p_lo: Tensor, lr: Any, weight_decay: Any) -> Tensor:
     return p - lr * upd
 
 
+def _plain_groups(items: list[tuple[Tensor, dict]]) -> bool:
+    """Every group of the bucket has ``lr == 1`` and ``weight_decay == 0`` (plain Python numbers)."""
+    for _, group in items:
+        lr, wd = group["lr"], group.get("weight_decay", 0.0)
+        if isinstance(lr, Tensor) or isinstance(wd, Tensor) or lr != 1 or wd != 0:
+            return False
+    return True
+
+
 class LearnedOptimizerTorch(torch.optim.Optimizer):
     """``torch.optim`` front end of a (trained) learned optimizer.
 
@@ -146,6 +155,12 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             are seen by the next ``step`` (after moving theta to another device call :meth:`set_theta`).
         lr: default multiplier of the learned update (1.0 = the update as meta-trained).
         weight_decay: default decoupled weight decay per step at ``lr=1`` (see module docstring).
+        kernels: use the fused Triton step (:mod:`kernels`): ``None`` (default) on CUDA when triton
+            is available (``OUROBOROS_KERNELS=0/1`` overrides), ``False`` never, ``True`` wherever it can
+            run (see :meth:`LearnedOptimizer.bind`). Buckets whose groups all have ``lr == 1`` and
+            ``weight_decay == 0`` are updated in place by the kernels; others get the kernels' functional
+            form and the group arithmetic. Unsupported configurations fall back to PyTorch.
+        kernel_precision: ``tl.dot`` input precision of the kernels (``"tf32"``, ``"ieee"``, ``"tf32x3"``).
     """
 
     def __init__(
@@ -156,6 +171,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         *,
         lr: float = 1.0,
         weight_decay: float = 0.0,
+        kernels: bool | None = None,
+        kernel_precision: str = "tf32",
     ):
         lopt = as_learned_optimizer(lopt)
         if theta is None:
@@ -168,6 +185,10 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         _check_hyper("weight_decay", weight_decay)
         self.lopt = lopt
         self.theta: Params = dict(theta)
+        # validated by BoundLearnedOptimizer
+        BoundLearnedOptimizer(lopt.config, {}, kernels=kernels, precision=kernel_precision)
+        self.kernels = kernels
+        self.kernel_precision = kernel_precision
         self._bound_cache: dict[torch.device, BoundLearnedOptimizer] = {}
         self._global_step: int | None = 0
         self.checkpoint_meta: dict[str, Any] = {}
@@ -200,7 +221,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         """The functional optimizer with (detached) theta on ``device``."""
         b = self._bound_cache.get(device)
         if b is None:
-            b = self.lopt.bind({k: v.detach().to(device) for k, v in self.theta.items()})
+            b = self.lopt.bind({k: v.detach().to(device) for k, v in self.theta.items()},
+                               kernels=self.kernels, precision=self.kernel_precision)
             self._bound_cache[device] = b
         return b
 
@@ -242,7 +264,17 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             params = {str(i): p for i, (p, _) in enumerate(items)}
             grads = {str(i): p.grad for i, (p, _) in enumerate(items)}
             state = pack_state(t, dtype, [self.state[p] for p, _ in items])
-            new_params, new_state = self.bound(device).update(grads, state, params, loss=loss_arg)
+            bound = self.bound(device)
+            if _plain_groups(items) and bound.kernel_reason(grads, state, params) is None:
+                # fused step in place: the parameters and the per-parameter state tensors themselves
+                from kernels.lo_step_triton import lo_step
+
+                _, new_state = lo_step(params, grads, state, bound.theta, self.lopt.config,
+                                       precision=self.kernel_precision, inplace=True)
+                for p, _ in items:
+                    self.state[p]["step"] = new_state["step"]
+                continue
+            new_params, new_state = bound.update(grads, state, params, loss=loss_arg)
             for i, (p, group) in enumerate(items):
                 self.state[p] = unpack_state(new_state, i)
                 p_new = apply_group(p, new_params[str(i)], group["lr"], group.get("weight_decay", 0.0))
@@ -262,15 +294,19 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             if isinstance(saved, dict):
                 for key in STATE_KEYS:
                     if isinstance(saved.get(key), Tensor):
-                        self.state[p][key] = saved[key].to(device=p.device)
+                        # a copy: the fused step updates state in place, never the caller's dict
+                        self.state[p][key] = saved[key].to(device=p.device, copy=True)
         self._global_step = None
         self._bound_cache.clear()
 
     def __getstate__(self) -> dict[str, Any]:  # pickling / copy.deepcopy keep the learned optimizer
         return {**super().__getstate__(), "lopt": self.lopt, "theta": self.theta,
-                "checkpoint_meta": self.checkpoint_meta}
+                "checkpoint_meta": self.checkpoint_meta, "kernels": self.kernels,
+                "kernel_precision": self.kernel_precision}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_bound_cache", {})
+        self.__dict__.setdefault("kernels", None)
+        self.__dict__.setdefault("kernel_precision", "tf32")
         self._global_step = None

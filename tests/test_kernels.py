@@ -303,3 +303,226 @@ def test_kernels_compile_for_sm90():
     if proc.returncode == 3:
         pytest.skip(f"no ahead-of-time compilation with this triton: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
+
+
+# ---- dispatch: optimizers.learned / optimizers.torch_optim -> kernels ---------------------------------
+DISPATCH_SHAPES = {"w": (6, 5), "b": (5,), "s": (), "c": (2, 3, 4)}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of the dispatcher's ``kernels.lo_step_triton.lo_step`` (interpreted in this process)."""
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    import kernels.lo_step_triton as klt
+
+    calls = []
+    real = klt.lo_step
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("inplace"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(klt, "lo_step", spy)
+    return calls
+
+
+@needs_triton
+def test_dispatch_functional_update(kernel_calls):
+    cfg = LOConfig(**{**LEARNED, "nominal": "adam"})
+    theta, params, state, grads = make_problem(cfg, shapes=DISPATCH_SHAPES, steps=1)
+    lo = LearnedOptimizer(cfg)
+    on, off, auto = lo.bind(theta, kernels=True), lo.bind(theta, kernels=False), lo.bind(theta)
+    assert auto.kernel_reason(grads(), state, params) is not None  # CPU: the auto path stays on PyTorch
+    assert on.kernel_reason(grads(), state, params) is None
+    snapshot = {k: v.clone() for k, v in flatten({"p": params, "s": state}).items()}
+    for _ in range(2):
+        g = grads()
+        ref = off.update(g, state, params)
+        assert not kernel_calls
+        got = on.update(g, state, params)
+        assert kernel_calls == [False]
+        kernel_calls.clear()
+        assert_same_step(ref, got, params)
+        if not snapshot:
+            continue
+        for k, v in flatten({"p": params, "s": state}).items():  # functional: inputs untouched
+            assert torch.equal(v, snapshot[k]), k
+        snapshot = {}
+        params, state = ref
+    # unsupported configuration / dtype: PyTorch, silently
+    lo24 = LearnedOptimizer(LOConfig(hidden_width=24))
+    assert "hidden_width" in lo24.bind(lo24.init_theta(0), kernels=True).kernel_reason(grads(), state, params)
+    s64 = LearnedOptimizer(cfg).bind(theta).init({k: v.double() for k, v in params.items()})
+    assert "fp32" in on.kernel_reason(grads(), s64, params)
+    with pytest.raises(ValueError, match="precision"):
+        lo.bind(theta, precision="bf16")
+
+
+@needs_triton
+def test_dispatch_falls_back_under_autograd_and_functorch(kernel_calls, monkeypatch):
+    """Truncated backprop, torch.func.grad and vmap stay on PyTorch (and give PyTorch's results)."""
+    cfg = LOConfig(nominal="adam")
+    theta, params, state, grads = make_problem(cfg, shapes={"w": (4, 3), "b": (3,)}, steps=1)
+    g = grads()
+    g["w"][0, 0], g["b"][1] = 0.3, -0.2  # finite
+    lo = LearnedOptimizer(cfg)
+
+    def meta_loss(th, kernels_flag):
+        new_p, _ = lo.bind(th, kernels=kernels_flag).update(g, state, params)
+        return sum((v ** 2).sum() for v in new_p.values())
+
+    # plain autograd through theta
+    th = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    on = torch.autograd.grad(meta_loss(th, True), list(th.values()))
+    off = torch.autograd.grad(meta_loss(th, False), list(th.values()))
+    for a, b in zip(on, off):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # torch.func.grad
+    fg = torch.func.grad(lambda t: meta_loss(t, True))(theta)
+    fg_off = torch.func.grad(lambda t: meta_loss(t, False))(theta)
+    for k in theta:
+        torch.testing.assert_close(fg[k], fg_off[k], rtol=0, atol=0)
+        assert fg[k].abs().sum() > 0 or k == "nominal_time_w"
+    # vmap over a population of thetas (no autograd involved: grad mode off)
+    pop = {k: torch.stack([v, v * 1.1]) for k, v in theta.items()}
+    with torch.no_grad():
+        vm = torch.func.vmap(lambda t: lo.bind(t, kernels=True).update(g, state, params)[0])(pop)
+        for j in range(2):
+            one = lo.bind({k: v[j] for k, v in pop.items()}, kernels=False).update(g, state, params)[0]
+            for k in params:
+                torch.testing.assert_close(vm[k][j], one[k])
+    assert not kernel_calls
+    # requires_grad parameters with grad mode on: PyTorch; under no_grad the kernels may run
+    p_rg = {k: v.clone().requires_grad_() for k, v in params.items()}
+    assert "autograd" in lo.bind(theta, kernels=True).kernel_reason(g, state, p_rg)
+    with torch.no_grad():
+        assert lo.bind(theta, kernels=True).kernel_reason(g, state, p_rg) is None
+    monkeypatch.setenv(kernels.ENV, "0")  # the kill switch beats kernels=True
+    assert kernels.ENV in lo.bind(theta, kernels=True).kernel_reason(g, state, params)
+
+
+@needs_triton
+def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls):
+    import copy
+
+    from optimizers.torch_optim import LearnedOptimizerTorch
+
+    cfg = LOConfig(**{**LEARNED, "nominal": "adam", "output_init_scale": 0.1})
+    theta = LearnedOptimizer(cfg).init_theta(3)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
+    y = x.sum(dim=1, keepdim=True)
+
+    def train(m, opt, steps):
+        losses = []
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((m(x) - y) ** 2).mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    m_ref, m_k = model(), model()
+    o_ref = LearnedOptimizerTorch(m_ref.parameters(), lopt=cfg, theta=theta, kernels=False)
+    o_k = LearnedOptimizerTorch(m_k.parameters(), lopt=cfg, theta=theta, kernels=True,
+                                kernel_precision="ieee")
+    l_ref, l_k = train(m_ref, o_ref, 3), train(m_k, o_k, 3)
+    assert kernel_calls == [True] * 3  # in place, one bucket per step
+    torch.testing.assert_close(torch.tensor(l_k), torch.tensor(l_ref), rtol=1e-5, atol=1e-7)
+    for a, b in zip(m_k.parameters(), m_ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(o_k.state.values(), o_ref.state.values()):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-30)
+    # state_dict round trip: a restored kernel optimizer continues like the original
+    sd = copy.deepcopy(o_k.state_dict())  # torch's state_dict aliases the live state
+    saved = {k: v.clone() for k, v in flatten({str(i): s for i, s in sd["state"].items()}).items()}
+    m_2 = model()
+    m_2.load_state_dict(m_k.state_dict())
+    o_2 = LearnedOptimizerTorch(m_2.parameters(), lopt=cfg, theta=theta, kernels=True, kernel_precision="ieee")
+    o_2.load_state_dict(sd)
+    l_2 = train(m_2, o_2, 2)
+    for k, v in flatten({str(i): s for i, s in sd["state"].items()}).items():
+        assert torch.equal(v, saved[k]), k  # the fused in-place step never wrote into the loaded dict
+    assert l_2 == train(m_k, o_k, 2)
+    for a, b in zip(m_2.parameters(), m_k.parameters()):
+        assert torch.equal(a, b)
+    assert o_2.global_step == o_k.global_step == 5
+    # lr != 1: the functional kernel step (not in place) plus the group arithmetic
+    kernel_calls.clear()
+    for g in o_k.param_groups:
+        g["lr"] = 0.5
+    train(m_k, o_k, 1)
+    assert kernel_calls == [False]
+
+
+# ---- differentiable step (kernels.lo_step_autograd: reference backward) ---------------------------------
+AUTOGRAD_CFG = {"nominal": "adam", "output_init_scale": 1.0, "hidden_width": 16, "hidden_layers": 1,
+                "time_taus": (3.0, 30.0)}
+
+
+def _autograd_problem(dtype):
+    cfg = LOConfig(**AUTOGRAD_CFG)
+    theta, params, state, grads = make_problem(cfg, shapes={"w": (3, 4), "b": (3,), "s": ()}, steps=1)
+    # smooth: no NaN / clip kinks, and no g == 0 (v == 0 makes the nominal term's sqrt(v) non-differentiable)
+    g = {k: v.clamp(-5, 5).nan_to_num(0.7) for k, v in grads().items()}
+    cast = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
+    state = {"step": state["step"], **{key: cast(state[key]) for key in ("m", "v", "row", "col")}}
+    return cfg, cast(theta), cast(params), state, cast(g)
+
+
+def test_lo_step_autograd_reference_backward_gradcheck():
+    """Finite differences (float64) of the reference backward: theta, params, grads and state."""
+    from kernels.lo_step_autograd import lo_step_autograd
+
+    cfg, theta, params, state, g = _autograd_problem(torch.float64)
+    names = ([("theta", k) for k in theta] + [("params", k) for k in params] + [("grads", k) for k in g]
+             + [(key, k) for key in ("m", "v", "row", "col") for k in state[key]])
+    pools = {"theta": theta, "params": params, "grads": g, **{key: state[key] for key in ("m", "v", "row", "col")}}
+
+    def fn(*leaves):
+        d = {n: {**pools[n]} for n in pools}
+        for (where, k), t in zip(names, leaves):
+            d[where][k] = t
+        st = {"step": state["step"], **{key: d[key] for key in ("m", "v", "row", "col")}}
+        new_p, new_s = lo_step_autograd(d["params"], d["grads"], st, d["theta"], cfg)
+        return (*new_p.values(), *(t for key in ("m", "v", "row", "col") for t in new_s[key].values()))
+
+    leaves = [pools[w][k].detach().clone().requires_grad_() for w, k in names]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@needs_triton
+def test_lo_step_autograd_triton_forward_matches_plain_autograd():
+    from kernels.lo_step_autograd import lo_step_autograd
+
+    cfg, theta, params, state, g = _autograd_problem(torch.float32)
+    lo = LearnedOptimizer(cfg)
+
+    def run(fn):
+        th = {k: v.clone().requires_grad_() for k, v in theta.items()}
+        p = {k: v.clone().requires_grad_() for k, v in params.items()}
+        gg = {k: v.clone().requires_grad_() for k, v in g.items()}
+        m = {k: v.clone().requires_grad_() for k, v in state["m"].items()}
+        st = {**state, "m": m}
+        new_p, new_s = fn(th, p, gg, st)
+        loss = sum((v * (i + 1)).sum() for i, v in enumerate(new_p.values())) + sum(
+            (t ** 2).sum() for t in new_s["m"].values())
+        leaves = [*th.values(), *p.values(), *gg.values(), *m.values()]
+        return (new_p, new_s), torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    ref, g_ref = run(lambda th, p, gg, st: lo.bind(th).update(gg, st, p))
+    got, g_got = run(lambda th, p, gg, st: lo_step_autograd(p, gg, st, th, cfg, forward="triton"))
+    assert_same_step(tuple({k: v.detach() for k, v in d.items()} if i == 0 else d for i, d in enumerate(ref)),
+                     tuple({k: v.detach() for k, v in d.items()} if i == 0 else d for i, d in enumerate(got)),
+                     params)
+    for a, b in zip(g_got, g_ref):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

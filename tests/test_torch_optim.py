@@ -316,10 +316,19 @@ def test_import_is_light():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_params_with_cpu_theta_and_state_dict_round_trip():
+@pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "triton"])
+def test_cuda_params_with_cpu_theta_and_state_dict_round_trip(kernels):
+    import os
+
+    if kernels:  # the compiled kernels; under the interpreter (tests/test_kernels.py) they would run in Python
+        import kernels as kernels_pkg
+
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not kernels_pkg.triton_available():
+            pytest.skip("needs compiled triton (run this file on its own)")
     data = tuple(t.cuda() for t in dataset())
     model = make_model().cuda()
-    opt = LearnedOptimizerTorch(model.parameters(), lopt=LOPT, theta=theta_for())  # theta stays on CPU
+    opt = LearnedOptimizerTorch(model.parameters(), lopt=LOPT, theta=theta_for(),  # theta stays on CPU
+                                kernels=kernels, kernel_precision="ieee")
     train(model, opt, 3, data)
     assert all(opt.state[p]["m"].device == p.device for p in model.parameters())
     ref_model = make_model()
@@ -328,7 +337,8 @@ def test_cuda_params_with_cpu_theta_and_state_dict_round_trip():
     for a, b in zip(model.parameters(), ref_model.parameters()):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
     clone = copy.deepcopy(model)
-    opt2 = LearnedOptimizerTorch(clone.parameters(), lopt=LOPT, theta=theta_for())
+    opt2 = LearnedOptimizerTorch(clone.parameters(), lopt=LOPT, theta=theta_for(), kernels=kernels,
+                                 kernel_precision="ieee")
     opt2.load_state_dict(opt.state_dict())
     train(model, opt, 2, data)
     train(clone, opt2, 2, data)

@@ -218,8 +218,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
     from tasks import get_distribution, seeded
 
     path = Path(checkpoint) if checkpoint else Path(cfg.out_dir) / "checkpoint"
-    lopt, theta, meta = ckpt.load_learned_optimizer(path)
-    tensors, _ = ckpt.load(path)
+    tensors, meta = ckpt.load(path)
+    lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
     theta0 = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("theta0/")}
     if not theta0:
         theta0 = lopt.init_theta(seeded("theta", cfg.meta.seed))

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimizers.learned import LOConfig, factored_dims
+from optimizers.learned import LOConfig, element_features, factored_dims
 
 # ---- canonical feature layout (shared with the Triton kernels) --------------------------------------
 # The kernels always build the same 28 channels for up to 3 momentum / 3 adafactor decays; a config's
@@ -158,39 +158,6 @@ def element_accumulators(g: Tensor, m: Tensor, v: Tensor, row: Tensor, col: Tens
         col_b = col.expand(na, *g.shape)
         fac = row_factor * torch.rsqrt(torch.clamp(col, min=1e-9))
     return m_new, v_new, row_new, row_b, col_b, fac
-
-
-def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, col_b: Tensor,
-                     fac: Tensor, cfg: LOConfig) -> Tensor:
-    """The per-element input channels in the config's order, shape (n, channels)."""
-    nmf = min(len(cfg.momentum_decays), len(cfg.adafactor_decays))
-    feats: list[Tensor] = []
-    for name in cfg.features:
-        if name == "grad":
-            feats.append(g.unsqueeze(0))
-        elif name == "param":
-            feats.append(p.to(g.dtype).unsqueeze(0))
-        elif name == "momentum":
-            feats.append(m)
-        elif name == "rms":
-            feats.append(v.unsqueeze(0))
-        elif name == "adam_dir":
-            feats.append(m * torch.rsqrt(v + 1e-6))
-        elif name == "rsqrt_rms":
-            feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
-        elif name == "fac_grad":
-            feats.append(g * fac)
-        elif name == "row":
-            feats.append(row_b)
-        elif name == "col":
-            feats.append(col_b)
-        elif name == "rsqrt_row":
-            feats.append(torch.rsqrt(row_b + 1e-8))
-        elif name == "rsqrt_col":
-            feats.append(torch.rsqrt(col_b + 1e-8))
-        elif name == "fac_mom":
-            feats.append(m[:nmf] * fac[:nmf])
-    return torch.cat(feats, dim=0).reshape(-1, g.numel()).transpose(0, 1)
 
 
 def mlp(x: Tensor, theta: dict[str, Tensor], cfg: LOConfig, b0: Tensor) -> Tensor:

@@ -53,28 +53,18 @@ def make_outer_optimizer(meta: MetaConfig) -> Optimizer:
 
 def _fill(template: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
     """Rebuild a tree shaped like ``template`` from checkpoint tensors under ``prefix``."""
-    keys = flatten(template)
-    out = {}
-    for k, t in keys.items():
-        name = f"{prefix}/{k}" if k else prefix
-        if name not in flat:
-            raise ckpt.CheckpointError(f"checkpoint is missing tensor {name!r}")
-        if flat[name].shape != t.shape:
-            raise ckpt.CheckpointError(f"tensor {name!r}: shape {tuple(flat[name].shape)} != {tuple(t.shape)}")
-        out[k] = flat[name].to(t.dtype)
-    if list(out) == [""]:
-        return out[""]
-    from optimizers.tree import unflatten
 
-    # unflatten loses empty sub-dicts; graft the loaded leaves onto the template's structure
-    loaded = unflatten(out)
+    def walk(node: Any, key: str) -> Any:
+        if isinstance(node, torch.Tensor):
+            name = f"{prefix}/{key}" if key else prefix
+            if name not in flat:
+                raise ckpt.CheckpointError(f"checkpoint is missing tensor {name!r}")
+            if flat[name].shape != node.shape:
+                raise ckpt.CheckpointError(f"tensor {name!r}: shape {tuple(flat[name].shape)} != {tuple(node.shape)}")
+            return flat[name].to(node.dtype)
+        return {k: walk(v, f"{key}/{k}" if key else k) for k, v in node.items()}
 
-    def graft(tmpl, new):
-        if isinstance(tmpl, torch.Tensor):
-            return new
-        return {k: graft(v, new[k]) if (isinstance(new, dict) and k in new) else v for k, v in tmpl.items()}
-
-    return graft(template, loaded)
+    return walk(template, "")
 
 
 class MetaTrainer:

@@ -108,9 +108,15 @@ def save_learned_optimizer(path: str | Path, lopt, theta: dict[str, Tensor], **m
 
 def load_learned_optimizer(path: str | Path):
     """Returns ``(LearnedOptimizer, theta, meta)`` from a learned-optimizer or meta-training checkpoint."""
+    tensors, meta = load(path)
+    lopt, theta = learned_optimizer_from(tensors, meta, path)
+    return lopt, theta, meta
+
+
+def learned_optimizer_from(tensors: dict[str, Tensor], meta: dict[str, Any], path: str | Path = "<memory>"):
+    """The ``(LearnedOptimizer, theta)`` held by an already-loaded checkpoint (no second read)."""
     from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
 
-    tensors, meta = load(path)
     if "lo_config" not in meta:
         raise CheckpointError(f"checkpoint at {path} holds no learned optimizer (no 'lo_config')")
     try:
@@ -123,4 +129,4 @@ def load_learned_optimizer(path: str | Path):
         raise CheckpointError(
             f"checkpoint at {path}: weights {sorted(theta)} do not match the architecture {sorted(expected)}"
         )
-    return lopt, theta, meta
+    return lopt, theta

@@ -148,6 +148,41 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.promote_types(p.dtype if p.is_floating_point() else torch.float32, torch.float32)
 
 
+def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, col_b: Tensor,
+                     fac: Tensor, cfg: LOConfig) -> Tensor:
+    """The per-element input channels in the config's order, shape (n, channels), before
+    normalisation. Shared with the kernels' PyTorch reference so both build identical features."""
+    nmf = min(len(cfg.momentum_decays), len(cfg.adafactor_decays))
+    feats: list[Tensor] = []
+    for name in cfg.features:
+        if name == "grad":
+            feats.append(g.unsqueeze(0))
+        elif name == "param":
+            feats.append(p.to(g.dtype).unsqueeze(0))
+        elif name == "momentum":
+            feats.append(m)
+        elif name == "rms":
+            feats.append(v.unsqueeze(0))
+        elif name == "adam_dir":
+            feats.append(m * torch.rsqrt(v + 1e-6))
+        elif name == "rsqrt_rms":
+            feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
+        elif name == "fac_grad":
+            feats.append(g * fac)
+        elif name == "row":
+            feats.append(row_b)
+        elif name == "col":
+            feats.append(col_b)
+        elif name == "rsqrt_row":
+            feats.append(torch.rsqrt(row_b + 1e-8))
+        elif name == "rsqrt_col":
+            feats.append(torch.rsqrt(col_b + 1e-8))
+        elif name == "fac_mom":
+            feats.append(m[:nmf] * fac[:nmf])
+    # (channels, *shape) -> (n, channels); the explicit channel count also covers 0-element tensors
+    return torch.cat(feats, dim=0).reshape(cfg.num_inputs - len(cfg.time_taus), g.numel()).transpose(0, 1)
+
+
 def _normalize(x: Tensor) -> Tensor:
     """Per-tensor, per-channel second-moment normalisation; x has shape (n, channels)."""
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
@@ -348,36 +383,7 @@ class BoundLearnedOptimizer:
             row_b = row.expand(len(c.adafactor_decays), *shape)
             col_b = col_new.expand(len(c.adafactor_decays), *shape)
         new_acc = {"m": m, "v": v, "row": row, "col": col_new}
-        feats: list[Tensor] = []
-        nmf = min(len(c.momentum_decays), len(c.adafactor_decays))
-        for name in c.features:
-            if name == "grad":
-                feats.append(g.unsqueeze(0))
-            elif name == "param":
-                feats.append(p.to(g.dtype).unsqueeze(0))
-            elif name == "momentum":
-                feats.append(m)
-            elif name == "rms":
-                feats.append(v.unsqueeze(0))
-            elif name == "adam_dir":
-                feats.append(m * torch.rsqrt(v + 1e-6))
-            elif name == "rsqrt_rms":
-                feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
-            elif name == "fac_grad":
-                feats.append(g * fac)
-            elif name == "row":
-                feats.append(row_b)
-            elif name == "col":
-                feats.append(col_b)
-            elif name == "rsqrt_row":
-                feats.append(torch.rsqrt(row_b + 1e-8))
-            elif name == "rsqrt_col":
-                feats.append(torch.rsqrt(col_b + 1e-8))
-            elif name == "fac_mom":
-                feats.append(m[:nmf] * fac[:nmf])
-        # (channels, *shape) -> (n, channels), then per-tensor normalisation
-        x = torch.cat(feats, dim=0).reshape(self.config.num_inputs - len(c.time_taus), p.numel()).transpose(0, 1)
-        return new_acc, _normalize(x), m[0], v
+        return new_acc, _normalize(element_features(g, p, m, v, row_b, col_b, fac, c)), m[0], v
 
     def _mlp(self, x: Tensor) -> Tensor:
         n_layers = self.config.hidden_layers + 1

@@ -3,14 +3,19 @@
 * :mod:`kernels.lo_step_reference`: the PyTorch reference with the kernels' exact semantics (equal to
   ``optimizers.learned``), structured in the kernels' phases. Pure torch; always importable.
 * :mod:`kernels.lo_step_triton`: the Triton kernels and the ``lo_step`` wrapper (imports triton).
+* :mod:`kernels.lo_step_backward`: the Triton backward of the step (gradients w.r.t. theta and every input).
 * :mod:`kernels.lo_step_autograd`: ``lo_step_autograd``, a ``torch.autograd.Function`` around the step
-  (Triton or reference forward) with the *reference backward* (recomputation + ``torch.autograd.grad``).
-* :mod:`kernels.bench_lo_step`: CUDA benchmark (eager / compiled reference, Triton, fused AdamW).
+  (Triton or reference forward; Triton backward or the *reference backward*, recomputation +
+  ``torch.autograd.grad``).
+* :mod:`kernels.lo_step_population`: P members under P weight sets (ES / PES) in one set of launches.
+* :mod:`kernels.bench_lo_step`: CUDA benchmark (forward: eager / compiled reference, Triton, fused AdamW;
+  backward; population), also ``python train.py bench-kernels``.
 
 Importing this package does not import triton; :func:`use_kernels` does, once, when asked.
 Dispatch: ``LearnedOptimizer.bind(theta, kernels=None|True|False, precision=...)`` and
 ``LearnedOptimizerTorch(..., kernels=..., kernel_precision=...)`` use the fused step where
-:func:`use_kernels` (or the explicit flag) allows it and the step needs no autograd / torch.func.
+:func:`use_kernels` (or the explicit flag) allows it and the step runs under no torch.func transform or
+``torch.compile``; under autograd ``update`` runs the differentiable step (Triton forward + backward).
 """
 
 from __future__ import annotations

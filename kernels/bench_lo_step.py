@@ -7,15 +7,33 @@ Compares, for transformer-like parameter sets of 1M .. 1B elements (as many as f
 * ``triton_<precision>`` :func:`kernels.lo_step_triton.lo_step` (in place), per ``tl.dot`` precision
 * ``adamw_fused``        ``torch.optim.AdamW(fused=True)``: the floor a learned step is measured against
 
+Two more groups (``--modes``):
+
+* ``backward``: one *meta-training inner step*, forward + backward of the step w.r.t. theta and every
+  input (what truncated backprop runs per LO step), at ``--backward-sizes``:
+  ``reference_autograd`` (the PyTorch reference differentiated by autograd) against
+  ``triton_autograd_<precision>`` (:func:`kernels.lo_step_autograd.lo_step_autograd`: Triton forward +
+  Triton backward); reported as inner steps per second, GB/s of the bytes forward + backward must move
+  (forward 44 B/element plus backward: read g, p, m, v and the output gradients, write the input
+  gradients: 68 B/element) and MLP TFLOP/s (3x the forward FLOPs).
+* ``population``: P members (``--population``, default 32) under P different weight sets:
+  ``triton_population`` (:func:`kernels.lo_step_population.population_lo_step`, one set of launches)
+  against ``triton_loop`` (a Python loop of P single :func:`kernels.lo_step_triton.lo_step` calls) and the
+  eager ``reference_loop``, at ``--population-sizes`` parameters per member (default 1e4, and 5e5 so
+  that the population totals >= 16M parameters).
+
 Each timing is the median over ``--repeats`` steps (CUDA events, after ``--warmup`` steps). Throughput is
 reported as GB/s of the bytes the step must move (read g, p, momenta, rms; write p, momenta, rms:
 44 B/element for fp32; AdamW: 28 B/element) and as a fraction of the measured device-to-device copy
-bandwidth; ``kernel_bytes`` is what the two-pass Triton design actually moves. Results go to
-``<out>/lo_step_<device>.json`` and a roofline plot ``<out>/lo_step_roofline_<device>.png``.
+bandwidth; ``kernel_bytes`` is what the two-pass Triton design actually moves. Speed-ups compare every
+Triton method with every non-Triton one of the same row (and population one launch vs the loop).
+Results go to ``<out>/lo_step_<device>.json`` and a roofline plot ``<out>/lo_step_roofline_<device>.png``.
 
     python -m kernels.bench_lo_step --sizes 1e6,1e7,1e8,1e9 --repeats 50
+    python train.py bench-kernels --modes backward,population       # the same script
 
-Needs a CUDA device (exits with status 2 and a message otherwise).
+Needs a CUDA device: without one it prints a message and measures nothing (exit status 2 from
+``python -m kernels.bench_lo_step``, 0 from ``python train.py bench-kernels``).
 """
 
 from __future__ import annotations
@@ -40,15 +58,21 @@ from kernels.lo_step_reference import bytes_per_element, lo_step_reference  # no
 from optimizers.learned import LearnedOptimizer, LOConfig  # noqa: E402
 
 METHODS = ("reference", "reference_compiled", "triton", "adamw_fused")
+MODES = ("forward", "backward", "population")
 
 
 def _count(text: str) -> int:
     return int(float(text))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench_lo_step", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None, prog: str = "python -m kernels.bench_lo_step",
+               no_cuda_status: int = 2) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Exit status: 0 when the benchmark ran; {no_cuda_status} without a CUDA device (a message "
+               f"is printed and nothing is measured); 2 on bad arguments.")
+    ap.add_argument("--modes", default=",".join(MODES), type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                    help=f"which groups to run, a subset of {','.join(MODES)}")
     ap.add_argument("--sizes", default="1e6,1e7,1e8,1e9",
                     type=lambda s: [_count(x) for x in s.split(",") if x.strip()],
                     help="parameter counts (comma separated, 1e6 notation); sizes that do not fit are skipped")
@@ -75,11 +99,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="CUDA-core FP32 roof for the plot (ieee tl.dot), TFLOP/s (default: nominal H100 SXM)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare the Triton step with the reference at the smallest size first")
+    ap.add_argument("--backward-sizes", default="1e5,1e6,1e7",
+                    type=lambda s: [_count(x) for x in s.split(",") if x.strip()],
+                    help="parameter counts for the backward (meta-training inner step) benchmark")
+    ap.add_argument("--backward-ref-max", type=_count, default=int(2e7),
+                    help="largest size for the autograd reference (its graph holds ~2 kB/element)")
+    ap.add_argument("--population", type=int, default=32, help="members P of the population benchmark")
+    ap.add_argument("--population-sizes", default="1e4,5e5",
+                    type=lambda s: [_count(x) for x in s.split(",") if x.strip()],
+                    help="parameters per member for the population benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench"), help="output folder (JSON + PNG)")
     args = ap.parse_args(argv)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         ap.error(f"unknown method(s) {bad}; choose from {METHODS}")
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
+    if args.population < 1:
+        ap.error("--population must be >= 1")
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     return args
@@ -273,6 +311,136 @@ def check_correctness(lt, cfg: LOConfig, device, dtype) -> dict:
     return out
 
 
+# ---- backward (meta-training inner step) and population -------------------------------------------------
+BACKWARD_BYTES = 68  # fp32: read g, p, m (3), v, dp, dm (3), dv; write dp, dg, dm (3), dv (+ forward's 44)
+
+
+def _measure(row: dict, name: str, fn, args, n: int, moved: float, flops: float, device, count: int = 1):
+    """Time ``fn`` into ``row["methods"][name]`` (``count`` steps per call, for steps/s)."""
+    try:
+        t = time_cuda(fn, args.repeats, args.warmup)
+    except torch.cuda.OutOfMemoryError:
+        row["methods"][name] = {"skipped": "out of memory"}
+        _free(device)
+        return
+    except Exception as e:  # a failing method must not lose the other measurements
+        row["methods"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        _free(device)
+        return
+    gbs = moved / t["median_s"] / 1e9
+    row["methods"][name] = {**t, "bytes": moved, "GB_per_s": gbs, "fraction_of_copy_bw": gbs * 1e9 / row["_bw"],
+                            "steps_per_s": count / t["median_s"], "params_per_s": n / t["median_s"],
+                            "TFLOP_per_s": flops / t["median_s"] / 1e12}
+    print(f"  {name:28s} {t['median_s'] * 1e3:9.3f} ms  {count / t['median_s']:10.1f} steps/s  {gbs:8.1f} GB/s  "
+          f"({gbs * 1e9 / row['_bw']:5.1%} of copy)", flush=True)
+
+
+def _speedups(row: dict, fast_prefix: str = "triton") -> None:
+    base = {k: v["median_s"] for k, v in row["methods"].items() if "median_s" in v}
+    row["speedups"] = {f"{a}_over_{b}": base[b] / base[a] for a in base for b in base
+                       if a.startswith(fast_prefix) and not b.startswith(fast_prefix)}
+    row.pop("_bw", None)
+
+
+def bench_backward(n_target: int, args, cfg: LOConfig, device, copy_bw: float) -> dict:
+    """Forward + backward of one step w.r.t. theta and every input: reference autograd vs Triton."""
+    from kernels.lo_step_autograd import lo_step_autograd
+
+    shapes = transformer_shapes(n_target) if n_target >= 1e6 else population_shapes(n_target)
+    n = sum(math.prod(s) for s in shapes)
+    row: dict = {"target": n_target, "params": n, "tensors": len(shapes), "methods": {}, "_bw": copy_bw}
+    try:
+        params, grads, state, theta = make_problem(shapes, torch.float32, device, cfg)
+    except torch.cuda.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+        _free(device)
+        return row
+    leaves = [*params.values(), *grads.values(), *theta.values(),
+              *(t for key in ("m", "v", "row", "col") for t in state[key].values())]
+    for t in leaves:
+        t.requires_grad_()
+    gen = torch.Generator(device=device).manual_seed(3)
+    w = {k: torch.randn(p.shape, generator=gen, device=device) for k, p in params.items()}
+    moved = (bytes_per_element(cfg)["minimum"] + BACKWARD_BYTES) * n
+    flops = 3 * LearnedOptimizer(cfg).flops_per_element() * n
+
+    def step(fn):
+        def run():
+            new_p, _ = fn()
+            loss = sum((new_p[k] * w[k]).sum() for k in new_p)
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+        return run
+
+    if n <= args.backward_ref_max:
+        _measure(row, "reference_autograd", step(lambda: lo_step_reference(params, grads, state, theta, cfg)),
+                 args, n, moved, flops, device)
+        _free(device)
+    for prec in args.precisions:
+        _measure(row, f"triton_autograd_{prec}",
+                 step(lambda prec=prec: lo_step_autograd(params, grads, state, theta, cfg, forward="triton",
+                                                         backward="triton", precision=prec)),
+                 args, n, moved, flops, device)
+    _speedups(row)
+    return row  # the caller frees the memory (_free) once these locals are gone
+
+
+def population_shapes(n_target: int) -> list[tuple[int, ...]]:
+    """A small MLP (matrices and biases) of about ``n_target`` parameters; transformer shapes above 1e5."""
+    if n_target > 1e5:
+        return transformer_shapes(n_target)
+    h = max(8, round(math.sqrt(n_target / 1.75)))  # h/2 x h + h x h + h x h/4 weights
+    return [(h // 2, h), (h,), (h, h), (h,), (h, h // 4), (h // 4,)]
+
+
+def bench_population(n_member: int, args, cfg: LOConfig, device, copy_bw: float) -> dict:
+    from kernels import lo_step_triton as lt
+    from kernels.lo_step_population import population_lo_step, population_lo_step_reference
+
+    pop = args.population
+    shapes = population_shapes(n_member)
+    n1 = sum(math.prod(s) for s in shapes)
+    n = pop * n1
+    row: dict = {"members": pop, "params_per_member": n1, "params": n, "tensors_per_member": len(shapes),
+                 "methods": {}, "_bw": copy_bw}
+    try:
+        probs = [make_problem(shapes, torch.float32, device, cfg, seed=j) for j in range(pop)]
+    except torch.cuda.OutOfMemoryError:
+        row["skipped"] = "out of memory"
+        _free(device)
+        return row
+
+    def stack(ds):
+        return {k: torch.stack([d[k] for d in ds]) for k in ds[0]}
+
+    params = stack([p[0] for p in probs])
+    grads = stack([p[1] for p in probs])
+    thetas = stack([p[3] for p in probs])
+    state = {"step": torch.zeros(pop, device=device), **{key: stack([p[2][key] for p in probs])
+                                                          for key in ("m", "v", "row", "col")}}
+    del probs
+    members = [({k: v[j] for k, v in params.items()}, {k: v[j] for k, v in grads.items()},
+                {"step": state["step"][j], **{key: {k: v[j] for k, v in state[key].items()}
+                                              for key in ("m", "v", "row", "col")}},
+                {k: v[j] for k, v in thetas.items()}) for j in range(pop)]
+    moved = bytes_per_element(cfg)["minimum"] * n
+    flops = LearnedOptimizer(cfg).flops_per_element() * n
+    prec = args.tune_precision
+    _measure(row, f"triton_population_{prec}",
+             lambda: population_lo_step(params, grads, state, thetas, cfg, precision=prec, inplace=True),
+             args, n, moved, flops, device, count=pop)
+
+    def loop():
+        for p, g, st, th in members:
+            lt.lo_step(p, g, st, th, cfg, precision=prec, inplace=True)
+
+    _measure(row, f"triton_loop_{prec}", loop, args, n, moved, flops, device, count=pop)
+    if n <= args.ref_max:
+        _measure(row, "reference_loop", lambda: population_lo_step_reference(params, grads, state, thetas, cfg),
+                 args, n, moved, flops, device, count=pop)
+    _speedups(row, fast_prefix="triton_population")
+    return row  # the caller frees the memory (_free) once these locals are gone
+
+
 # ---- plot ----------------------------------------------------------------------------------------------
 def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops: float | None = None) -> None:
     """Achieved MLP TFLOP/s against FLOP per byte the step must move, under the measured copy bandwidth
@@ -291,7 +459,9 @@ def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops:
         ax.plot(ai, [min(a * bw, peak_fp32_tflops * 1e12) / 1e12 for a in ai], "k--", lw=1,
                 label=f"roof: FP32 CUDA cores {peak_fp32_tflops:g} TFLOP/s")
     markers = {"reference": "s", "reference_compiled": "D", "adamw_fused": "^"}
-    for row in result["sizes"]:
+    rows = [(r, "") for r in result.get("sizes", [])] + [(r, "bwd ") for r in result.get("backward", [])] + [
+        (r, "pop ") for r in result.get("population", [])]
+    for row, tag in rows:
         for name, m in row.get("methods", {}).items():
             if "median_s" not in m:
                 continue
@@ -300,7 +470,7 @@ def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops:
             if intensity is None:
                 continue
             ax.scatter(intensity, m["TFLOP_per_s"], marker=markers.get(name, "o"), s=18 + 6 * math.log10(row["params"]),
-                       label=f"{name} ({row['params'] / 1e6:.0f}M)")
+                       label=f"{tag}{name} ({row['params'] / 1e6:.3g}M)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (model FLOP / byte the step must move)")
@@ -312,12 +482,13 @@ def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench_lo_step",
+         no_cuda_status: int = 2) -> int:
+    args = parse_args(argv, prog=prog, no_cuda_status=no_cuda_status)
     if not torch.cuda.is_available():
-        print("bench_lo_step: no CUDA device (torch.cuda.is_available() is False); this benchmark only measures "
-              "GPUs. Nothing was run.", file=sys.stderr)
-        return 2
+        print(f"{prog}: no CUDA device (torch.cuda.is_available() is False); this benchmark only measures "
+              "GPUs, so nothing was measured.", file=sys.stderr)
+        return no_cuda_status
     lt = None
     if "triton" in args.methods:
         try:
@@ -351,10 +522,24 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
     json_path = out / f"lo_step_{tag}.json"
-    for n in args.sizes:
+    for n in args.sizes if "forward" in args.modes else []:
         print(f"size {n:.3g}", flush=True)
         result["sizes"].append(bench_size(n, args, cfg, device, copy_bw, lt))
         json_path.write_text(json.dumps(result, indent=2))  # partial results survive a crash
+    if lt is not None and "backward" in args.modes:
+        result["backward"] = []
+        for n in args.backward_sizes:
+            print(f"backward (inner step: forward + backward), size {n:.3g}", flush=True)
+            result["backward"].append(bench_backward(n, args, cfg, device, copy_bw))
+            _free(device)
+            json_path.write_text(json.dumps(result, indent=2))
+    if lt is not None and "population" in args.modes:
+        result["population"] = []
+        for n in args.population_sizes:
+            print(f"population: {args.population} members of {n:.3g} parameters", flush=True)
+            result["population"].append(bench_population(n, args, cfg, device, copy_bw))
+            _free(device)
+            json_path.write_text(json.dumps(result, indent=2))
     png = out / f"lo_step_roofline_{tag}.png"
     roofline_png(result, png, args.peak_tflops, args.peak_fp32_tflops)
     print(f"wrote {json_path} and {png}")

@@ -6,7 +6,10 @@ Runs in its own process on purpose: ``tests/test_kernels.py`` switches its proce
 interpreter, so ``tests/test_kernels_cuda.py`` calls this script in a subprocess. Cases: the default and
 a learned-term-dominated config; 0-d / 1-d / 2-d / 3-d / 4-d and odd shapes, tensors spanning many
 chunks and reduction segments at the default tile sizes, a non-contiguous tensor, bf16 parameters;
-``tl.dot`` precision ``ieee`` (tight) and ``tf32`` (loose). Prints one JSON line per case.
+``tl.dot`` precision ``ieee`` (tight) and ``tf32`` (loose). Also the Triton backward
+(:mod:`kernels.lo_step_backward`, every input's gradient against the reference autograd backward) and the
+population step (:mod:`kernels.lo_step_population`, P = 4 weight sets against the per-member reference).
+Prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -74,6 +77,70 @@ def run_case(cfg: LOConfig, precision: str, pdtype: torch.dtype, noncontig: bool
     return {"ok": ok, "max_update_err_rel_to_step": worst, "max_state_rel_err": sworst}
 
 
+BWD_TOL = {"ieee": 1e-4, "tf32": 5e-2}  # max |err| relative to the gradient tensor's largest entry
+
+
+def run_backward_case(cfg: LOConfig, precision: str, seed: int = 0, device: str = "cuda") -> dict:
+    """Triton backward vs the reference backward: gradients of a random linear function of all outputs."""
+    from kernels.lo_step_autograd import lo_step_autograd
+
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    shapes = {"scalar": (), "bias": (7,), "odd": (1001,), "w": (257, 129), "w3": (6, 2, 50), "conv": (64, 32, 3, 3)}
+    lo = LearnedOptimizer(cfg)
+    theta = {k: v.to(dev) for k, v in lo.init_theta(seed + 1).items()}
+    params = {k: torch.randn(s, generator=gen, device=dev) * 0.05 for k, s in shapes.items()}
+    state = lo.bind(theta).init(params)
+    for _ in range(2):  # non-zero accumulators
+        g = {k: torch.randn(p.shape, generator=gen, device=dev) for k, p in params.items()}
+        params, state = lo_step_reference(params, g, state, theta, cfg)
+    g = {k: torch.randn(p.shape, generator=gen, device=dev) for k, p in params.items()}
+    w = None
+    out = {}
+    for name, bwd in (("ref", "reference"), ("tri", "triton")):
+        leaves = {("theta", k): v.clone().requires_grad_() for k, v in theta.items()}
+        leaves.update({("params", k): v.clone().requires_grad_() for k, v in params.items()})
+        leaves.update({("grads", k): v.clone().requires_grad_() for k, v in g.items()})
+        leaves.update({(key, k): v.clone().requires_grad_() for key in ("m", "v", "row", "col")
+                       for k, v in state[key].items()})
+        pick = lambda where, leaves=leaves: {k: v for (w_, k), v in leaves.items() if w_ == where}  # noqa: E731
+        st = {"step": state["step"], **{key: pick(key) for key in ("m", "v", "row", "col")}}
+        new_p, new_s = lo_step_autograd(pick("params"), pick("grads"), st, pick("theta"), cfg, forward="triton",
+                                        backward=bwd, precision=precision)
+        outs = list(new_p.values()) + [t for key in ("m", "v", "row", "col") for t in new_s[key].values()]
+        if w is None:
+            w = [torch.randn(t.shape, generator=gen, device=dev) for t in outs]
+        loss = sum((t * wi).sum() for t, wi in zip(outs, w))
+        out[name] = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    worst, where = 0.0, None
+    for k, ref in out["ref"].items():
+        if ref.numel():
+            e = ((out["tri"][k] - ref).abs().max() / ref.abs().max().clamp(min=1e-30)).item()
+            if not e <= worst:
+                worst, where = e, "/".join(k)
+    return {"ok": worst <= BWD_TOL[precision], "max_grad_err_rel": worst, "worst": where}
+
+
+def run_population_case(cfg: LOConfig, precision: str, pop: int = 4, device: str = "cuda") -> dict:
+    from kernels.lo_step_population import population_lo_step, population_lo_step_reference
+
+    dev = torch.device(device)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    lo = LearnedOptimizer(cfg)
+    thetas = [{k: v.to(dev) for k, v in lo.init_theta(j).items()} for j in range(pop)]
+    shapes = {"bias": (7,), "w": (257, 129), "conv": (64, 32, 3, 3)}
+    stack = lambda ds: {k: torch.stack([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
+    params = {k: torch.randn((pop, *s), generator=gen, device=dev) * 0.05 for k, s in shapes.items()}
+    grads = {k: torch.randn(p.shape, generator=gen, device=dev) for k, p in params.items()}
+    state = torch.func.vmap(lambda p: lo.bind(thetas[0]).init(p))(params)
+    state["step"] = torch.arange(pop, device=dev, dtype=torch.float32)
+    th = stack(thetas)
+    ref_p, _ = population_lo_step_reference(params, grads, state, th, cfg)
+    got_p, _ = population_lo_step(params, grads, state, th, cfg, precision=precision)
+    worst = max(((got_p[k] - ref_p[k]).abs().max() / (ref_p[k] - params[k]).abs().max()).item() for k in params)
+    return {"ok": worst <= TOL[precision], "max_update_err_rel_to_step": worst}
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("check_lo_step: no CUDA device; nothing checked", file=sys.stderr)
@@ -85,6 +152,14 @@ def main() -> int:
     cases.append(("learned-noncontig", LOConfig(nominal="none", output_init_scale=1.0), "ieee", torch.float32, True))
     cases.append(("learned-bf16", LOConfig(nominal="none", output_init_scale=1.0), "ieee", torch.bfloat16, False))
     failed = 0
+    for prec in ("ieee", "tf32"):
+        for name, fn in (("backward", run_backward_case), ("population", run_population_case)):
+            try:
+                res = fn(LOConfig(nominal="adam", output_init_scale=1.0), prec)
+            except Exception as e:  # report every case
+                res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+            failed += not res["ok"]
+            print(json.dumps({"case": name, "precision": prec, **res}), flush=True)
     for name, cfg, prec, dt, nc in cases:
         try:
             res = run_case(cfg, prec, dt, nc)

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the fused step for an NVIDIA target, without a GPU.
 
-    python -m kernels.compile_check [--arch 90] [--ptxas-info]
+    python -m kernels.compile_check [--arch 90] [--ptxas-info] [--full]
 
 The CPU interpreter (``tests/test_kernels.py``) checks the kernels' numbers but not that they compile:
 the real compiler rejects things the interpreter accepts. ``triton.compile`` runs the whole pipeline
@@ -30,11 +30,14 @@ POINTERS = {
     "chunk_tab": "*i32", "task_tab": "*i32", "ptr_tab": "*i64", "meta_tab": "*i64", "desc_tab": "*i64",
     "part_ptr": "*fp32", "scale_ptr": "*fp32", "sc_ptr": "*fp32", "w0_ptr": "*fp32", "b0_ptr": "*fp32",
     "wm_ptr": "*fp32", "bm_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32", "rf_ptr": "*fp32",
+    "gptr_tab": "*i64", "tpart_ptr": "*fp32", "spart_ptr": "*fp32", "kc_ptr": "*fp32",
 }
 
 
-def variants(lt):
-    """(name, kernel, constexprs, num_warps) for the launches ``lo_step`` makes, default and edge."""
+def variants(lt, lb=None, full: bool = False):
+    """(name, kernel, constexprs, num_warps) for the launches ``lo_step`` (and, given the backward module
+    ``lb``, ``lo_step_backward``) makes, default and edge. The population step launches the forward
+    kernels (the member index is data), so it adds no variant."""
     b = lt.DEFAULT_BLOCKS
     elem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, ALIGNED=True, BLOCK=b.block, CHUNK=b.chunk)
     mlp = dict(H=32, NUM_MID=1, NOMINAL=True, RELOAD=b.reload_vectors)
@@ -57,6 +60,24 @@ def variants(lt):
         ("fac_finalize", lt._fac_finalize_kernel, dict(BLK=b.fin_block, BG=b.fin_groups, BA=b.fin_len),
          b.num_warps),
     ]
+    if lb is not None:
+        belem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, BLOCK=b.block, CHUNK=b.chunk)
+        bodd = dict(NM=2, NA=1, P_KIND=1, G_KIND=1, BLOCK=32, CHUNK=64)
+        for prec in ("ieee", "tf32") if full else ("tf32",):  # same code paths; ieee only with --full
+            bm = dict(H=32, NUM_MID=1, NOMINAL=True, PREC=prec)
+            out.append((f"bwd_theta[{prec}]", lb._bwd_theta_kernel, {**belem, **bm, "TP": 32 * 33 + 32 * 33 + 67},
+                        b.num_warps))
+            out.append((f"bwd_elem[{prec}]", lb._bwd_elem_kernel, {**belem, **bm}, b.num_warps))
+        odd_mlp = dict(H=16, NUM_MID=2, NOMINAL=False, PREC="tf32")
+        out += [
+            ("bwd_theta[bf16,NM2,NA1,3 layers,h16]", lb._bwd_theta_kernel,
+             {**bodd, **odd_mlp, "TP": 16 * 33 + 2 * (16 * 17) + 35}, 4),
+            ("bwd_elem[bf16,NM2,NA1,3 layers,h16]", lb._bwd_elem_kernel, {**bodd, **odd_mlp}, 4),
+            ("dscale", lb._dscale_kernel, dict(RB=b.scale_rows), b.num_warps),
+        ]
+        if full:
+            out.append(("bwd_elem[1 layer,h64]", lb._bwd_elem_kernel,
+                        {**belem, "H": 64, "NUM_MID": 0, "NOMINAL": True, "PREC": "tf32"}, 4))
     return out
 
 
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 80, 90")
     ap.add_argument("--ptxas-info", action="store_true", help="report registers / spills per variant")
+    ap.add_argument("--full", action="store_true",
+                    help="also the backward kernels' ieee and 1-layer/h64 variants (slow to compile)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
@@ -94,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"compile_check: triton's ahead-of-time API is not available here ({e!r})", file=sys.stderr)
         return 3
+    from kernels import lo_step_backward as lb
     from kernels import lo_step_triton as lt
 
     target = GPUTarget("cuda", args.arch, 32)
     failed = 0
-    for name, fn, consts, nw in variants(lt):
+    for name, fn, consts, nw in variants(lt, lb, full=args.full):
         try:
             sig = {a: ("constexpr" if a in consts else POINTERS.get(a, "fp32")) for a in fn.arg_names}
             src = ASTSource(fn=fn, signature=sig,

@@ -5,13 +5,21 @@
 ``nominal_log_lr``, ``nominal_time_w``) and the incoming parameters, gradients and accumulators.
 
 Forward: the Triton step (:func:`kernels.lo_step_triton.lo_step`, ``forward="triton"``) or the PyTorch
-reference (``forward="reference"``). Nothing but the inputs is saved.
+reference (``forward="reference"``). Saved: the inputs and, for factored (rank >= 2) tensors, the new
+row / column accumulators (outputs, O(rows + cols)); no activations.
 
-Backward: **the reference backward** -- it recomputes the step with the PyTorch reference under
-``enable_grad`` and calls ``torch.autograd.grad`` (memory: one reference step's graph, built only during
-backward). It is correct for either forward (the forward kernels compute the reference function), but
-it is not fast; a fused Triton backward can later replace :func:`_reference_backward` behind the same
-Function. Marked ``once_differentiable`` (no double backward). The step counter gets no gradient.
+Backward, two implementations of the same gradients:
+
+* ``backward="triton"``: :func:`kernels.lo_step_backward.lo_step_backward`, the fused Triton backward
+  (recomputes features and MLP activations per element block; see that module for what runs in PyTorch).
+* ``backward="reference"``: **the reference backward** -- it recomputes the step with the PyTorch
+  reference under ``enable_grad`` and calls ``torch.autograd.grad`` (memory: one reference step's graph,
+  built only during backward). Correct for either forward; slow; the reference the kernels are tested
+  against.
+
+``backward="auto"`` (default) picks the Triton backward when the forward is Triton and the backward
+kernels support the configuration (:func:`kernels.lo_step_backward.unsupported_backward`), else the
+reference. Marked ``once_differentiable`` (no double backward). The step counter gets no gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class _Layout:
         self.pkeys = list(params)
         self.skeys = [(key, k) for key in STATE_KEYS for k in self.pkeys if k in state[key]]
         self.tkeys = list(theta)
+        self.col_keys = {k for k in self.pkeys if k in state["col"]}
 
     def flatten(self, params, grads, state, theta) -> list[Tensor]:
         return ([params[k] for k in self.pkeys] + [grads[k] for k in self.pkeys]
@@ -71,45 +80,92 @@ class LOStepFunction(torch.autograd.Function):
     """Positional form; use :func:`lo_step_autograd`."""
 
     @staticmethod
-    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, use_triton: bool, precision: str, *flat):
+    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, use_triton: bool, precision: str, opts: dict,
+                *flat):
         params, grads, state, theta = layout.unflatten([t.detach() for t in flat], step)
         if use_triton:
             from kernels.lo_step_triton import lo_step
 
+            extra = {"blocks": opts["blocks"]} if opts.get("blocks") is not None else {}
             new_params, new_state = lo_step(params, grads, state, theta, cfg, precision=precision,
-                                            inplace=False)
+                                            inplace=False, **extra)
         else:
             new_params, new_state = lo_step_reference(params, grads, state, theta, cfg)
         return layout.outputs(new_params, new_state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        layout, cfg, step, _, _, *flat = inputs
-        ctx.layout, ctx.cfg, ctx.step = layout, cfg, step
-        ctx.save_for_backward(*flat)
+        layout, cfg, step, _, precision, opts, *flat = inputs
+        ctx.layout, ctx.cfg, ctx.step, ctx.precision, ctx.opts = layout, cfg, step, precision, opts
+        # factored tensors' new row / col accumulators (outputs; the Triton backward needs them)
+        n = len(layout.pkeys)
+        ctx.fac_keys = [(key, k, n + j) for j, (key, k) in enumerate(layout.skeys)
+                        if key == "col" or (key == "row" and k in layout.col_keys)]
+        ctx.save_for_backward(*flat, *(output[j] for _, _, j in ctx.fac_keys))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
-        grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, ctx.saved_tensors, grad_outputs)
-        return (None, None, None, None, None, *grads)
+        saved = ctx.saved_tensors
+        n_in = len(saved) - len(ctx.fac_keys)
+        if ctx.opts["backward"] == "triton":
+            grads = _triton_backward(ctx, saved[:n_in], saved[n_in:], grad_outputs)
+        else:
+            grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, saved[:n_in], grad_outputs)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[6:])]
+        return (None, None, None, None, None, None, *grads)
+
+
+def _triton_backward(ctx, inputs, fac_outputs, grad_outputs):
+    """The fused Triton backward (:func:`kernels.lo_step_backward.lo_step_backward`) in positional form."""
+    from kernels.lo_step_backward import lo_step_backward
+
+    layout: _Layout = ctx.layout
+    params, grads, state, theta = layout.unflatten(list(inputs), ctx.step)
+    new_rowcol: dict = {"row": {}, "col": {}}
+    for (key, k, _), t in zip(ctx.fac_keys, fac_outputs):
+        new_rowcol[key][k] = t
+    n = len(layout.pkeys)
+    d_params = dict(zip(layout.pkeys, grad_outputs[:n]))
+    d_state: dict = {key: {} for key in STATE_KEYS}
+    for (key, k), gt in zip(layout.skeys, grad_outputs[n:]):
+        d_state[key][k] = gt
+    extra = {"blocks": ctx.opts["blocks"]} if ctx.opts.get("blocks") is not None else {}
+    got = lo_step_backward(params, grads, state, theta, ctx.cfg, new_rowcol, d_params, d_state,
+                           precision=ctx.precision, **extra)
+    return ([got["params"][k] for k in layout.pkeys] + [got["grads"][k] for k in layout.pkeys]
+            + [got[key][k] for key, k in layout.skeys] + [got["theta"][k] for k in layout.tkeys])
 
 
 def lo_step_autograd(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
                      theta: dict[str, Tensor], cfg: LOConfig, *, forward: str = "reference",
-                     precision: str = "ieee"):
+                     backward: str = "auto", precision: str = "ieee", blocks=None):
     """One differentiable learned-optimizer step, ``(new_params, new_state)``.
 
     ``forward``: ``"triton"`` (fused kernels; fp32 state, CUDA or ``TRITON_INTERPRET=1``) or
-    ``"reference"`` (PyTorch; any dtype). The backward is the reference backward either way.
+    ``"reference"`` (PyTorch; any dtype). ``backward``: ``"triton"`` (fused backward kernels; same
+    requirements), ``"reference"`` (recompute + autograd) or ``"auto"`` (Triton when the forward is
+    Triton and the backward kernels support the step, else the reference). ``precision``: ``tl.dot``
+    input precision of forward and backward kernels. ``blocks``: kernel tile sizes
+    (:class:`kernels.lo_step_triton.Blocks`; tests use tiny ones).
     """
     if forward not in ("triton", "reference"):
         raise ValueError(f"forward must be 'triton' or 'reference', got {forward!r}")
+    if backward not in ("triton", "reference", "auto"):
+        raise ValueError(f"backward must be 'triton', 'reference' or 'auto', got {backward!r}")
     if not params:
         return {}, {**state, "step": state["step"] + 1}
+    if backward == "auto":
+        backward = "reference"
+        if forward == "triton":
+            from kernels.lo_step_backward import unsupported_backward
+
+            if unsupported_backward(cfg, params, grads, state) is None:
+                backward = "triton"
     layout = _Layout(params, state, theta)
     step = state["step"].detach()
-    outs = LOStepFunction.apply(layout, cfg, step, forward == "triton", precision,
+    opts = {"backward": backward, "blocks": blocks}
+    outs = LOStepFunction.apply(layout, cfg, step, forward == "triton", precision, opts,
                                 *layout.flatten(params, grads, state, theta))
     n = len(layout.pkeys)
     new_params = dict(zip(layout.pkeys, outs[:n]))

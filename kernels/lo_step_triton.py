@@ -19,6 +19,10 @@ K5 ``_main_kernel``          per element block: features again, ``x * scale``, t
                              clamp, and in-place writes of ``p``, ``m``, ``v`` (and rank < 2 second
                              moments).
 
+Population (:mod:`kernels.lo_step_population`): meta column 11 holds each table entry's member index;
+K5 reads that member's weights and step constants from stacked buffers (0 for a single weight set).
+The backward kernels live in :mod:`kernels.lo_step_backward`.
+
 The 28 features are assembled into one ``[BLOCK, 32]`` register tile by a tree of ``tl.join``; the
 tree's column order is the bit reversal of the canonical slot, which the host folds into the row
 order of the first weight matrix (no data movement in the kernel). The 11 time features are equal for
@@ -374,6 +378,22 @@ def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr
     start = tl.load(chunk_tab + 2 * pid + 1)
     (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
      is_fac) = _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, ALIGNED)
+    # population member of this tensor (meta column 11; 0 for a single weight set): its weight set and
+    # per-step constants sit at member * (their size) in stacked buffers
+    mem = tl.load(meta_tab + t * 12 + 11)
+    if NUM_MID > 0:
+        wm_size = NUM_MID * H * H
+        bm_size = NUM_MID * H
+    else:
+        wm_size = H * H
+        bm_size = H
+    w0_ptr += mem * (32 * H)
+    b0_ptr += mem * H
+    wm_ptr += mem * wm_size
+    bm_ptr += mem * bm_size
+    wo_ptr += mem * (2 * H)
+    bo_ptr += mem * 2
+    sc_ptr += mem * 4
     # weights: once per program (with RELOAD the vectors are re-read per block, see _main_block)
     kk = tl.arange(0, 32)
     hh = tl.arange(0, H)
@@ -597,7 +617,8 @@ def _strides(shape) -> list[int]:
     return out[::-1]
 
 
-def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Blocks) -> _Plan:
+def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Blocks,
+                members: tuple[int, ...] | None = None) -> _Plan:
     na_dec = len(cfg.adafactor_decays)
     meta, chunks, desc, k1, k2, rf_offsets = [], [], [], [], [], []
     n_chunks = 0
@@ -611,7 +632,7 @@ def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Bl
         n_chunks = len(chunks)
         dims = factored_dims(shape)
         if dims is None:
-            meta.append([n, n, n, 1, 1, 1, 1, 0, 0, c_lo, n_chunks, 0])
+            meta.append([n, n, n, 1, 1, 1, 1, 0, 0, c_lo, n_chunks, members[t] if members else 0])
             rf_offsets.append(-1)
             continue
         a, b = dims
@@ -620,7 +641,8 @@ def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Bl
         sa, sb = st[a], st[b]
         rsize, csize = n // nb_, n // na_
         sa_r = sa if a > b else sa // nb_
-        meta.append([n, rsize, csize, sb * nb_, sb, sa * na_, sa, 1, rf_size, c_lo, n_chunks, 0])
+        meta.append([n, rsize, csize, sb * nb_, sb, sa * na_, sa, 1, rf_size, c_lo, n_chunks,
+                     members[t] if members else 0])
         rf_offsets.append(rf_size)
         # kind 0: row accumulator lines (reduce dim b); kind 1: column lines (reduce dim a)
         for kind, (nlines, length, stride) in enumerate(((rsize, nb_, sb), (csize, na_, sa))):
@@ -656,11 +678,11 @@ def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Bl
     )
 
 
-def _get_plan(shapes, cfg, device, blocks) -> _Plan:
-    key = (tuple(shapes), len(cfg.adafactor_decays), str(device), blocks)
+def _get_plan(shapes, cfg, device, blocks, members: tuple[int, ...] | None = None) -> _Plan:
+    key = (tuple(shapes), len(cfg.adafactor_decays), str(device), blocks, members)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _build_plan(shapes, cfg, device, blocks)
+        plan = _build_plan(shapes, cfg, device, blocks, members)
         _PLANS[key] = plan
         while len(_PLANS) > _CACHE_SIZE:
             _PLANS.popitem(last=False)
@@ -719,11 +741,12 @@ def _coefficients(cfg: LOConfig) -> dict[str, float]:
 
 
 def _launch_group(items, cfg: LOConfig, consts, packed, precision: str, blocks: Blocks,
-                  p_kind: int, g_kind: int, aligned: bool) -> None:
-    """Run K1..K5 over one group of tensors sharing parameter/gradient dtypes."""
+                  p_kind: int, g_kind: int, aligned: bool, members: tuple[int, ...] | None = None) -> None:
+    """Run K1..K5 over one group of tensors sharing parameter/gradient dtypes. ``members``: per tensor,
+    the index of its weight set in stacked ``consts`` / ``packed`` (population step); None: all 0."""
     device = items[0][1].device
     shapes = [tuple(it[1].shape) for it in items]
-    plan = _get_plan(shapes, cfg, device, blocks)
+    plan = _get_plan(shapes, cfg, device, blocks, members)
     ptrs = []
     for t, (g, p, m, v, row, col) in enumerate(items):
         if plan.rf_offsets[t] >= 0:

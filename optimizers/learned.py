@@ -212,8 +212,9 @@ def _kernels_disabled(kernels: bool | None, device: torch.device) -> str | None:
     return None
 
 
-def _traced_reason(tensors: list) -> str | None:
-    """Why these tensors must stay on the PyTorch path: autograd, torch.func transforms, tracing."""
+def _traced_reason(tensors: list, allow_autograd: bool = False) -> str | None:
+    """Why these tensors must stay on the PyTorch path: autograd (unless ``allow_autograd``: the
+    differentiable kernel step handles it), torch.func transforms, tracing."""
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
     if is_compiling is not None and is_compiling():
@@ -229,9 +230,13 @@ def _traced_reason(tensors: list) -> str | None:
             return "torch.func transform (vmap / grad)"
         if type(t) not in (Tensor, torch.nn.Parameter):
             return f"tensor subclass {type(t).__name__}"
-        if grad_enabled and t.requires_grad:
+        if grad_enabled and t.requires_grad and not allow_autograd:
             return "autograd (a tensor requires grad)"
     return None
+
+
+def _needs_autograd(tensors: list) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 class LearnedOptimizer:
@@ -275,9 +280,13 @@ class LearnedOptimizer:
         (default) decides per call by :func:`kernels.use_kernels` (on for CUDA tensors when triton is
         available; ``OUROBOROS_KERNELS=0/1`` overrides); ``False`` never; ``True`` wherever the kernels
         can run (CUDA, or any device under ``TRITON_INTERPRET=1``), unless ``OUROBOROS_KERNELS=0``.
-        Either way ``update`` falls back to PyTorch when the step needs autograd (truncated backprop,
-        meta-gradients), runs under ``torch.func`` transforms (vmap, grad) or ``torch.compile``, or the
-        kernels do not support the configuration or tensors (see :meth:`BoundLearnedOptimizer.kernel_reason`).
+        When the step must be differentiated with plain autograd (truncated backprop through an unroll,
+        meta-gradients w.r.t. theta) ``update`` runs the kernels through
+        :func:`kernels.lo_step_autograd.lo_step_autograd`: Triton forward and Triton backward
+        (:mod:`kernels.lo_step_backward`; the PyTorch reference backward where the backward kernels do
+        not support the configuration). It falls back to PyTorch under ``torch.func`` transforms (vmap,
+        grad: ES / PES, the ``func`` TBPTT engine), ``torch.compile``, or where the kernels do not
+        support the configuration or tensors (see :meth:`BoundLearnedOptimizer.kernel_reason`).
         ``precision``: ``tl.dot`` input precision of the kernels (``"tf32"``, ``"ieee"``, ``"tf32x3"``).
         Neither is part of :class:`LOConfig` (checkpoints are unaffected).
         """
@@ -307,9 +316,15 @@ class BoundLearnedOptimizer:
         self.precision = precision
 
     # ---- dispatch ---------------------------------------------------------------------------
-    def kernel_reason(self, grads: Params, state: dict, params: Params) -> str | None:
-        """Why ``update(grads, state, params)`` would run the PyTorch code; None when it would run the
-        fused Triton step (:func:`kernels.lo_step_triton.lo_step`)."""
+    def kernel_reason(self, grads: Params, state: dict, params: Params, *,
+                      differentiable: bool = False) -> str | None:
+        """Why the fused Triton step cannot run ``(grads, state, params)``; None when it can.
+
+        ``differentiable=False`` (what the in-place ``torch.optim`` front end asks): the plain,
+        non-differentiable step :func:`kernels.lo_step_triton.lo_step`, so any tensor that requires grad
+        (with grad mode on) is a reason. ``differentiable=True`` (what :meth:`update` asks): autograd is
+        fine, the step then runs as :func:`kernels.lo_step_autograd.lo_step_autograd` (kernel forward and
+        backward); torch.func transforms and ``torch.compile`` tracing still are reasons."""
         if self.kernels is False:
             return "kernels=False"
         if not params:
@@ -320,7 +335,7 @@ class BoundLearnedOptimizer:
             return reason
         tensors = [*params.values(), *grads.values(), *self.theta.values(), state["step"],
                    *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
-        reason = _traced_reason(tensors)
+        reason = _traced_reason(tensors, allow_autograd=differentiable)
         if reason:
             return reason
         if set(grads) != set(params):
@@ -398,7 +413,14 @@ class BoundLearnedOptimizer:
         c = self.config
         if not params:
             return {}, {**state, "step": state["step"] + 1}
-        if self.kernels is not False and self.kernel_reason(grads, state, params) is None:
+        if self.kernels is not False and self.kernel_reason(grads, state, params, differentiable=True) is None:
+            tensors = [*params.values(), *grads.values(), *self.theta.values(),
+                       *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
+            if _needs_autograd(tensors):  # truncated backprop: kernel forward + kernel backward
+                from kernels.lo_step_autograd import lo_step_autograd
+
+                return lo_step_autograd(params, grads, state, self.theta, c, forward="triton",
+                                        backward="auto", precision=self.precision)
             from kernels.lo_step_triton import lo_step
 
             return lo_step(params, grads, state, self.theta, c, precision=self.precision, inplace=False)

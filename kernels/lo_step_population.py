@@ -1,0 +1,184 @@
+"""Population learned-optimizer step: P tasks under P different weight sets in one set of launches.
+
+ES / PES evaluate many perturbed weight sets (antithetic pairs ``theta +- sigma * eps``), each on its own
+copy of a task. :func:`population_lo_step` steps all of them with the five launches of the single step
+(:mod:`kernels.lo_step_triton`): every member's slice of every tensor is one entry of the multi-tensor
+tables, tagged with its member index (meta column 11), and the main kernel reads that member's MLP
+weights and per-step constants from stacked buffers. The launches do not grow with P; only the host
+tables do (P x tensors rows).
+
+Layout (a leading population axis everywhere):
+
+* ``params[k]``, ``grads[k]``: ``(P, *shape)``; ``state["m"][k]``: ``(P, nm, *shape)``, ``state["v"][k]``:
+  ``(P, *shape)``, ``state["row"][k]`` / ``state["col"][k]``: ``(P, na, ...)``, i.e. what
+  ``torch.func.vmap(lopt.bind(theta).init)`` gives; ``state["step"]``: ``()`` (shared) or ``(P,)``.
+* ``thetas[k]``: ``(P, *theta_shape)``.
+
+:func:`population_lo_step_reference` is the PyTorch reference: the single-member reference
+(:func:`kernels.lo_step_reference.lo_step_reference`) per member, stacked. Forward only (not
+differentiable; ES / PES need no backward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.lo_step_reference import feature_slots, lo_step_reference, step_constants
+from optimizers.learned import LOConfig, factored_dims
+
+STATE_KEYS = ("m", "v", "row", "col")
+
+
+def _member(d: dict, j: int) -> dict:
+    return {k: v[j] for k, v in d.items()}
+
+
+def _steps(state: dict, pop: int) -> Tensor:
+    step = state["step"]
+    return step.expand(pop) if step.dim() == 0 else step
+
+
+def population_size(thetas: dict[str, Tensor]) -> int:
+    sizes = {v.shape[0] if v.dim() else None for v in thetas.values()}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"thetas must share a leading population axis, got leading sizes {sizes}")
+    return sizes.pop()
+
+
+def population_lo_step_reference(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
+                                 thetas: dict[str, Tensor], cfg: LOConfig):
+    """PyTorch reference of :func:`population_lo_step`: the single reference step per member, stacked."""
+    pop = population_size(thetas)
+    steps = _steps(state, pop)
+    outs = []
+    for j in range(pop):
+        st = {"step": steps[j], **{key: _member(state[key], j) for key in STATE_KEYS}}
+        outs.append(lo_step_reference(_member(params, j), _member(grads, j), st, _member(thetas, j), cfg))
+    new_params = {k: torch.stack([o[0][k] for o in outs]) for k in params}
+    new_state: dict = {"step": state["step"] + 1}
+    for key in STATE_KEYS:
+        new_state[key] = {k: torch.stack([o[1][key][k] for o in outs]) for k in state[key]}
+    return new_params, new_state
+
+
+def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfig, device):
+    """Per member: ``sc = (bc1, bc2, lr, 0)`` ``(P, 4)`` and the folded first bias ``(P, H)`` -- the single
+    step's :func:`step_constants`, vmapped (a few launches whatever P)."""
+    def one(step, theta):
+        k = step_constants(step, theta, cfg, device=device)
+        return torch.stack([k.bc1.float(), k.bc2.float(), k.lr.float(), torch.zeros_like(k.lr.float())]), k.b0
+
+    th = {k: v.to(device) for k, v in thetas.items()}
+    sc, b0 = torch.func.vmap(one)(steps.to(device), th)
+    return sc.float().contiguous(), b0.float().contiguous()
+
+
+def _pack_population(thetas: dict[str, Tensor], cfg: LOConfig, device):
+    """Stacked kernel-layout weights: w0 ``(P, 32, H)`` (rows at the feature-tile columns), hidden layers
+    ``(P, max(L-1, 1), H, H)`` / ``(P, max(L-1, 1), H)``, output ``(P, H, 2)`` / ``(P, 2)``."""
+    from kernels.lo_step_triton import KPAD, slot_column
+
+    pop = population_size(thetas)
+    h = cfg.hidden_width
+    f32 = {"dtype": torch.float32, "device": device}
+    slots = feature_slots(cfg)
+    cols = torch.tensor([slot_column(s) for s in slots], device=device)
+    w0 = torch.zeros((pop, KPAD, h), **f32)
+    w0[:, cols] = thetas["w0"][:, : len(slots)].to(**f32)
+    n_mid = cfg.hidden_layers - 1
+    if n_mid > 0:
+        wm = torch.stack([thetas[f"w{i}"].to(**f32) for i in range(1, n_mid + 1)], dim=1).contiguous()
+        bm = torch.stack([thetas[f"b{i}"].to(**f32) for i in range(1, n_mid + 1)], dim=1).contiguous()
+    else:
+        wm, bm = torch.zeros((pop, 1, h, h), **f32), torch.zeros((pop, 1, h), **f32)
+    last = cfg.hidden_layers
+    wo = thetas[f"w{last}"].to(**f32).contiguous()
+    bo = thetas[f"b{last}"].to(**f32).contiguous()
+    return w0.contiguous(), wm, bm, wo, bo
+
+
+def population_unsupported(cfg: LOConfig, params: dict[str, Tensor], grads=None, state=None) -> str | None:
+    """Why :func:`population_lo_step` cannot run this step (None when it can)."""
+    from kernels.lo_step_triton import unsupported
+
+    if any(p.dim() == 0 for p in params.values()):
+        return "parameters need a leading population axis"
+    one = {k: p[0] for k, p in params.items()}
+    g1 = None if grads is None else {k: g[0] for k, g in grads.items()}
+    s1 = None if state is None else {key: {k: t[0] for k, t in state[key].items()} for key in STATE_KEYS}
+    return unsupported(cfg, one, g1, s1)
+
+
+def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
+                       thetas: dict[str, Tensor], cfg: LOConfig, *, precision: str = "ieee",
+                       inplace: bool = False, blocks=None):
+    """Step P members, member ``j`` with weights ``{k: thetas[k][j]}``; see the module docstring.
+
+    Returns ``(new_params, new_state)`` stacked like the inputs; equal (to rounding) to
+    :func:`population_lo_step_reference`. ``inplace=True`` writes the caller's tensors (copied back
+    where they are not contiguous); ``False`` leaves them untouched. Not differentiable.
+    """
+    from kernels import lo_step_triton as lt
+
+    if precision not in lt.PRECISIONS:
+        raise ValueError(f"precision must be one of {lt.PRECISIONS}, got {precision!r}")
+    blocks = blocks or lt.DEFAULT_BLOCKS
+    pop = population_size(thetas)
+    for k, p in params.items():
+        if p.dim() == 0 or p.shape[0] != pop or grads[k].shape != p.shape:
+            raise ValueError(f"params[{k!r}] / grads[{k!r}] need the leading population axis {pop}, got "
+                             f"{tuple(p.shape)} / {tuple(grads[k].shape)}")
+    if not params:
+        return {}, {**state, "step": state["step"] + 1}
+    reason = population_unsupported(cfg, params, grads, state)
+    if reason:
+        raise NotImplementedError(f"population_lo_step (Triton) cannot run this step: {reason}")
+    with torch.no_grad():
+        device = next(iter(params.values())).device
+        writeback: list[tuple[Tensor, Tensor]] = []
+
+        def work(t: Tensor) -> Tensor:  # a contiguous tensor the kernels may write
+            if inplace and t.is_contiguous():
+                return t
+            c = t.detach().clone(memory_format=torch.contiguous_format)
+            if inplace:
+                writeback.append((t, c))
+            return c
+
+        new_params = {k: work(p) for k, p in params.items()}
+        new_state: dict = {"step": state["step"] + 1}
+        for key in STATE_KEYS:
+            new_state[key] = {k: work(t) for k, t in state[key].items()}
+        sc, b0 = _population_constants(_steps(state, pop), thetas, cfg, device)
+        packed = _pack_population(thetas, cfg, device)
+        nm = len(cfg.momentum_decays)
+        items, members = [], []
+        gc = {k: g.contiguous() for k, g in grads.items()}
+        for j in range(pop):
+            for k, p in new_params.items():
+                if p[j].numel() == 0:
+                    continue
+                row = new_state["row"][k][j]
+                col = new_state["col"][k][j] if factored_dims(p.shape[1:]) is not None else row
+                items.append((gc[k][j], p[j], new_state["m"][k][j], new_state["v"][k][j], row, col))
+                members.append(j)
+        groups: dict[tuple, tuple[list, list]] = {}  # one launch set per (param, grad) dtype pair
+        for it, j in zip(items, members):
+            its, mems = groups.setdefault((lt._KIND[it[1].dtype], lt._KIND[it[0].dtype]), ([], []))
+            its.append(it)
+            mems.append(j)
+        for (p_kind, g_kind), (its, mems) in groups.items():
+            aligned = all(lt._aligned(it[0]) and lt._aligned(it[1]) and lt._aligned(it[2], nm)
+                          and lt._aligned(it[3]) for it in its)
+            lt._launch_group(its, cfg, (sc, b0), packed, precision, blocks, p_kind, g_kind, aligned,
+                             tuple(mems))
+        for orig, c in writeback:
+            orig.copy_(c)
+        if inplace:
+            new_params = dict(params)
+            new_state = {"step": new_state["step"], **{key: dict(state[key]) for key in STATE_KEYS}}
+    return new_params, new_state
+
+
+__all__ = ["population_lo_step", "population_lo_step_reference", "population_size", "population_unsupported"]

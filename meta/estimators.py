@@ -143,8 +143,14 @@ class Estimator:
     def _init_extra(self, theta: Params, m: Member) -> None:
         """Estimator-specific per-member state (PES duplicates params into +/- copies)."""
 
-    def init(self, theta: Params) -> EstimatorState:
-        return EstimatorState([self._new_member(theta, i, 0) for i in range(self.population)])
+    def init(self, theta: Params, member_ids: list[int] | None = None) -> EstimatorState:
+        """The population at step 0. With ``member_ids`` (a rank's shard) only those members are built;
+        the others are ``None`` placeholders, so ``state.members[i]`` keeps its global index ``i``."""
+        if member_ids is None:
+            return EstimatorState([self._new_member(theta, i, 0) for i in range(self.population)])
+        mine = set(member_ids)
+        return EstimatorState([self._new_member(theta, i, 0) if i in mine else None
+                               for i in range(self.population)])
 
     def task_of(self, m: Member) -> Task:
         if m.task is None:

@@ -382,6 +382,13 @@ def evaluate(
     optimizers are inherited by forking, so they need not be picklable). See the module docstring for
     the protocol and the speed-up definition.
 
+    Under a process group (``torchrun``, see :mod:`meta.distributed`) call it on every rank with the
+    same arguments: tasks are dealt round-robin to ranks (each may still fork ``workers`` processes;
+    default: its share of the node's cores), the per-task records are all-gathered, and every rank
+    returns the same results, equal to the single-process ones except the timings (``runtime_s``,
+    ``run_seconds``). Code that decides on them (e.g. the governor) therefore decides the same on
+    every rank.
+
     Returns a JSON-able dict:
 
     * ``meta``: distribution, split, ``task_indices``, ``horizons`` (label -> steps, e.g.
@@ -423,9 +430,15 @@ def evaluate(
     horizons = horizon_labels(horizon, long_horizon)
     steps = curve_steps(long_horizon, curve_points, extra=list(horizons.values()))
     indices = list(range(start, start + num_tasks))
+    # under a process group (torchrun) each rank runs every world_size-th task, then all ranks gather
+    # all records, so every rank returns the same (identical to single-process) results
+    from meta import distributed as D
+
+    sharded = D.active()
+    mine = D.shard(indices, mode="strided") if sharded else indices
     if workers is None:
-        workers = min(_available_cores(), num_tasks)
-    workers = max(1, min(int(workers), num_tasks))
+        workers = min(max(1, _available_cores() // D.local_world_size()), num_tasks)
+    workers = max(1, min(int(workers), num_tasks, max(len(mine), 1)))
     notes: list[str] = []
     if workers > 1 and not _can_fork():
         notes.append("parallel evaluation needs the 'fork' start method in a non-daemon process; ran serially")
@@ -438,14 +451,15 @@ def evaluate(
     records: dict[int, dict] = {}
     spec = dict(dist=dist, split=split, optimizers=dict(optimizers), grids=grids, horizons=horizons,
                 curve_steps=steps, seed=seed, ema=ema)
-    bar = tqdm(total=num_tasks, desc=f"evaluate {dist.name}/{split}", unit="task", disable=not progress)
+    bar = tqdm(total=len(mine), desc=f"evaluate {dist.name}/{split}", unit="task",
+               disable=not (progress and D.is_main()))
     try:
         if workers == 1:
             _WORK = spec
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # tiny ops: intra-op threads only add overhead (4x under load)
             try:
-                for i in indices:
+                for i in mine:
                     records[i] = _work(i)
                     bar.update(1)
             finally:
@@ -456,7 +470,7 @@ def evaluate(
             _WORK = spec
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
                                      initializer=_init_worker) as pool:
-                futures = {pool.submit(_work, i): i for i in indices}
+                futures = {pool.submit(_work, i): i for i in mine}
                 try:
                     for fut in as_completed(futures):
                         records[futures[fut]] = fut.result()
@@ -468,6 +482,10 @@ def evaluate(
         _WORK = None
         bar.close()
     runtime = time.perf_counter() - t0
+    if sharded:
+        parts = D.all_gather_object((records, runtime, workers))
+        records = {i: rec for part, _, _ in parts for i, rec in part.items()}
+        runtime, workers = max(p[1] for p in parts), parts[0][2]
 
     task_records = [records[i] for i in indices]
     names = [TUNED_ADAM] + ([TUNED_SGDM] if sgdm_lrs else []) + list(optimizers)
@@ -488,7 +506,8 @@ def evaluate(
             "ci_method": ci_method,
             "curve_steps": steps,
             "runtime_s": runtime,
-            "workers": workers,
+            "workers": workers,  # per rank
+            "ranks": D.world_size() if sharded else 1,
             "torch_threads_per_worker": 1,
             "speedup_definition": (
                 "S/T where S is the first step at which tuned Adam's reference curve (EMA(%g)-smoothed "

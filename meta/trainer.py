@@ -9,6 +9,13 @@ A checkpoint holds every tensor of the run (``theta``, the outer optimizer's sta
 inner parameters / optimizer state / PES accumulators) plus JSON (configs, step, each member's task
 config and position). All randomness is derived from seeds and step/member indices, so there is no
 generator state to save and a resumed run reproduces an uninterrupted one exactly.
+
+Under ``torchrun`` (a process group from :mod:`meta.distributed`) each rank steps only its shard of the
+members (``self.member_ids``; the other slots of ``est_state.members`` are ``None``), the meta-gradient's
+``(sum, count)`` and the logged metrics are all-reduced, and :meth:`MetaTrainer.save` gathers every
+member to rank 0, which alone writes a checkpoint in the single-process format; :meth:`MetaTrainer.load`
+(rank 0 reads, broadcasts) keeps each rank's shard, so a run resumes under any number of processes.
+``save`` and ``load`` are then collective: call them on every rank.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from meta import distributed as D
 from meta.config import MetaConfig, RunConfig
 from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorState, LogUniformSchedule, clip_meta_grad
 from optimizers import checkpoint as ckpt
@@ -77,14 +85,43 @@ class MetaTrainer:
         self.theta: Params = theta if theta is not None else self.lopt.init_theta(seeded("theta", cfg.meta.seed))
         self.theta0 = {k: v.clone() for k, v in self.theta.items()}
         self.outer_state = self.outer.init(self.theta)
-        self.est_state: EstimatorState = self.estimator.init(self.theta)
+        # sharding (no-op in a single process): this rank's members; gradients summed over ranks
+        self.member_ids: list[int] = D.shard(range(cfg.meta.population))
+        self._local_count, self._local_seconds, self._step_t0 = 0, 0.0, 0.0
+        if D.active():
+            self.estimator.reduce = self._all_reduce_estimate
+        self.est_state: EstimatorState = self.estimator.init(self.theta, self.member_ids if D.active() else None)
         self.step = 0
         self.wandb_id: str | None = None
+
+    def _all_reduce_estimate(self, total: Params, count: int) -> tuple[Params, int]:
+        """``Estimator.reduce`` under a process group: one all-reduce of (gradient sum, member count)."""
+        self._local_count = count
+        self._local_seconds = time.perf_counter() - self._step_t0  # this rank's member work, before waiting
+        dtype = next(iter(total.values())).dtype
+        out = D.all_reduce_sum({"sum": total, "count": torch.tensor([float(count)], dtype=dtype)})
+        return out["sum"], round(float(out["count"][0]))
+
+    def _reduce_metrics(self, metrics: dict[str, Any]) -> None:
+        """Population-wide metrics on every rank (member-weighted means, summed counters)."""
+        n = self._local_count
+        s = D.all_reduce_scalars([metrics["meta_loss"] * n, metrics["inner_loss"] * n, n,
+                                  metrics["nonfinite"], metrics["episodes_done"]])
+        metrics.update(meta_loss=s[0] / max(s[2], 1), inner_loss=s[1] / max(s[2], 1), nonfinite=int(s[3]),
+                       episodes_done=int(s[4]))
+        # load balance: the step waits for the slowest shard
+        hi, neg_lo = D.all_reduce_scalars([self._local_seconds, -self._local_seconds], "max")
+        metrics.update(shard_seconds_max=hi, shard_seconds_min=-neg_lo)
 
     # ---- training ---------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        grad, self.est_state, metrics = self.estimator.estimate(self.theta, self.est_state, self.step)
+        sharded = D.active()
+        self._step_t0 = t0
+        grad, self.est_state, metrics = self.estimator.estimate(self.theta, self.est_state, self.step,
+                                                                self.member_ids if sharded else None)
+        if sharded:
+            self._reduce_metrics(metrics)
         grad, norm = clip_meta_grad(grad, self.cfg.meta.grad_clip_value or None, self.cfg.meta.grad_clip_norm or None)
         self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta)
         self.theta = {k: v.detach() for k, v in self.theta.items()}
@@ -101,16 +138,20 @@ class MetaTrainer:
 
         total = self.cfg.meta.outer_steps if steps is None else steps
         every = checkpoint_every or self.cfg.checkpoint_every
-        bar = tqdm(total=total, initial=self.step, desc="meta-train", disable=not progress, dynamic_ncols=True)
+        main = D.is_main()
+        bar = tqdm(total=total, initial=self.step, desc="meta-train", disable=not (progress and main),
+                   dynamic_ncols=True)
         try:
-            while self.step < total and not should_stop():
+            # under a process group every rank must stop at the same step (a signal may reach one first)
+            while self.step < total and not D.any_true(should_stop()):
                 m = self.train_step()
-                if logger is not None and self.step % self.cfg.log_every == 0:
+                if logger is not None and main and self.step % self.cfg.log_every == 0:
                     logger.log(m, self.step)
                 bar.update(1)
                 bar.set_postfix(meta_loss=f"{m['meta_loss']:.4f}", inner=f"{m['inner_loss']:.3f}")
                 if self.step % every == 0 or self.step == total:
                     self.save()
+                D.maybe_inject_fault(self.step)  # test-only hook (OUROBOROS_TEST_FAULT); no-op otherwise
         finally:
             bar.close()
         return self.step
@@ -126,29 +167,73 @@ class MetaTrainer:
         for k, v in flatten(self.outer_state).items():
             t[f"outer/{k}" if k else "outer"] = v
         for i, m in enumerate(self.est_state.members):
+            if m is None:  # another rank's member
+                continue
             for part in ("params", "opt_state", "extra"):
                 for k, v in flatten(getattr(m, part)).items():
                     t[f"members/{i}/{part}/{k}"] = v
         return t
 
+    def member_scalars(self) -> list[dict]:
+        """Every member's ``{task_config, episode, t, length}``, in member order, on every rank. Under a
+        process group ``est_state.members`` holds only this rank's members (``None`` elsewhere) and this
+        call is collective (an all-gather): use it instead of iterating ``est_state.members``."""
+        own = {i: m.scalars() for i, m in enumerate(self.est_state.members) if m is not None}
+        if not D.active():
+            return [own[i] for i in range(len(self.est_state.members))]
+        merged: dict[int, dict] = {}
+        for part in D.all_gather_object(own):
+            merged.update(part)
+        return [merged[i] for i in range(len(self.est_state.members))]
+
+    def _gathered_state(self) -> tuple[dict[str, torch.Tensor], list, int, int]:
+        """(tensors, member scalars, nonfinite, episodes_done) of the WHOLE population. Under a process
+        group the shards are gathered to rank 0 (the other ranks get empty values)."""
+        st = self.est_state
+        if not D.active():
+            return self.state_tensors(), [m.scalars() for m in st.members], st.nonfinite, st.episodes_done
+        own = {i: m for i, m in enumerate(st.members) if m is not None}
+        tensors = {k: v.detach().cpu() for k, v in self.state_tensors().items()}
+        shard = {"tensors": {k: v for k, v in tensors.items() if k.startswith("members/")},
+                 "members": {i: m.scalars() for i, m in own.items()},
+                 "nonfinite": st.nonfinite, "episodes_done": st.episodes_done}
+        shards = D.gather_object(shard)
+        if shards is None:
+            return {}, [], 0, 0
+        scalars: dict[int, dict] = {}
+        member_tensors: dict[str, torch.Tensor] = {}
+        for sh in shards:
+            scalars.update(sh["members"])
+            member_tensors.update(sh["tensors"])
+        if sorted(scalars) != list(range(len(st.members))):
+            raise RuntimeError(f"gathered members {sorted(scalars)} != 0..{len(st.members) - 1}")
+        out = {k: v for k, v in tensors.items() if not k.startswith("members/")}
+        for i in range(len(st.members)):  # same key order as a single-process checkpoint
+            prefix = f"members/{i}/"
+            out.update({k: v for k, v in member_tensors.items() if k.startswith(prefix)})
+        return (out, [scalars[i] for i in range(len(st.members))], sum(sh["nonfinite"] for sh in shards),
+                sum(sh["episodes_done"] for sh in shards))
+
     def save(self, path: str | Path | None = None) -> Path:
+        tensors, members, nonfinite, episodes_done = self._gathered_state()
         meta = {
             "kind": "meta_train",
             "lo_config": self.cfg.lo.to_dict(),
             "run_config": self.cfg.to_dict(),
             "step": self.step,
-            "members": [m.scalars() for m in self.est_state.members],
-            "nonfinite": self.est_state.nonfinite,
-            "episodes_done": self.est_state.episodes_done,
+            "members": members,
+            "nonfinite": nonfinite,
+            "episodes_done": episodes_done,
             "wandb_id": self.wandb_id,
             "distribution_digest": self.dist.digest(),
         }
-        return ckpt.save(path or self.checkpoint_path, self.state_tensors(), meta)
+        # rank 0 writes; every rank returns the path or raises the same error
+        return D.run_on_main(ckpt.save, path or self.checkpoint_path, tensors, meta)
 
     @classmethod
     def load(cls, path: str | Path, cfg: RunConfig | None = None, outer: Optimizer | None = None) -> "MetaTrainer":
         """Restore a trainer from a checkpoint (its own config unless ``cfg`` is given)."""
-        tensors, meta = ckpt.load(path)
+        tensors, meta = D.load_checkpoint(path)  # ckpt.load; under a process group rank 0 reads, broadcasts
         if meta.get("kind") != "meta_train":
             raise ckpt.CheckpointError(f"{path} is not a meta-training checkpoint (kind={meta.get('kind')!r})")
         cfg = cfg or RunConfig.from_dict(meta["run_config"])
@@ -156,8 +241,12 @@ class MetaTrainer:
         self.theta = _fill(self.theta, tensors, "theta")
         self.theta0 = _fill(self.theta0, tensors, "theta0")
         self.outer_state = _fill(self.outer.init(self.theta), tensors, "outer")
-        members = []
+        members: list = []
+        mine = set(D.shard(range(len(meta["members"]))))  # every member in a single process
         for i, sc in enumerate(meta["members"]):
+            if i not in mine:
+                members.append(None)
+                continue
             m = self.estimator._new_member(self.theta, i, sc["episode"])
             m.task_config, m.t, m.length, m.task = sc["task_config"], sc["t"], sc["length"], None
             m.params = _fill(m.params, tensors, f"members/{i}/params")
@@ -165,12 +254,19 @@ class MetaTrainer:
             if m.extra:
                 m.extra = _fill(m.extra, tensors, f"members/{i}/extra")
             members.append(m)
-        self.est_state = EstimatorState(members, meta["nonfinite"], meta["episodes_done"])
+        self.member_ids = sorted(mine)
+        first = D.is_main()  # population-wide counters live on rank 0 (the others count from 0)
+        self.est_state = EstimatorState(members, meta["nonfinite"] if first else 0,
+                                        meta["episodes_done"] if first else 0)
         self.step = int(meta["step"])
         self.wandb_id = meta.get("wandb_id")
         return self
 
     def save_learned_optimizer(self, path: str | Path) -> Path:
+        """Write the trained optimizer alone. Under a process group only rank 0 writes (theta is the same
+        on every rank); not collective, so it may be called on rank 0 alone."""
+        if not D.is_main():
+            return Path(path)
         return ckpt.save_learned_optimizer(path, self.lopt, self.theta, step=self.step,
                                            distribution=self.cfg.meta.distribution,
                                            horizon=self.cfg.meta.horizon)

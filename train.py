@@ -6,6 +6,13 @@
     python train.py meta-train --resume --out-dir runs/default      # continue an interrupted run
     python train.py evaluate --checkpoint runs/default/checkpoint
     python train.py presets               # list presets and their settings
+    torchrun --nproc-per-node 4 train.py meta-train --resume auto ...   # the same run on 4 processes
+
+Under torchrun (WORLD_SIZE > 1) the population and the evaluation tasks are sharded across processes
+(gloo on CPU, NCCL on CUDA); rank 0 alone prints and writes files. ``--resume auto`` resumes when
+OUT_DIR/checkpoint exists and starts a new run otherwise, so re-launching the same command after a
+failure continues it; restarts by ``torchrun --max-restarts`` (TORCHELASTIC_RESTART_COUNT > 0) always
+resume from the checkpoint if there is one. See README "Scaling out".
 
 Every setting of the run config can be overridden: ``--meta.population 4``, ``--lo.hidden_width 16``,
 ``--eval.num_tasks 10`` (see ``python train.py meta-train --help``), or loaded from a JSON file with
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields, replace
@@ -47,7 +55,13 @@ def presets() -> dict[str, Any]:
     )
     from optimizers.learned import LOConfig
 
-    smoke = replace(smoke, lo=LOConfig(hidden_width=8, hidden_layers=1))
+    from meta.config import GenConfig, GovernorConfig
+
+    smoke = replace(smoke, lo=LOConfig(hidden_width=8, hidden_layers=1),
+                    gen=GenConfig(max_generations=2, outer_steps=2, poll_seconds=0.1),
+                    gov=GovernorConfig(num_tasks=3, train_tasks=2, long_factor=2, adam_lrs=(1e-3, 1e-2, 1e-1),
+                                       bootstrap=200, loop_steps=2, loop_population=2, loop_tasks=2,
+                                       probe_tasks=1, probe_steps=3))
     return {"default": default, "smoke": smoke}
 
 
@@ -89,6 +103,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
                            help=f"(default {default})", **extra)
 
 
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help=PRESET_HELP)
     p.add_argument("--config", type=Path, help="JSON file with a run config (same keys as 'presets' prints)")
@@ -108,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, **kw)
         _common(p)
-        p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint")
+        p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                       help="continue from OUT_DIR/checkpoint; '--resume auto': continue if it exists, else "
+                            "start a new run (the same command can be re-launched after a failure; torchrun "
+                            "--max-restarts restarts resume automatically)")
         p.add_argument("--overwrite", action="store_true", help="start over even if OUT_DIR has a checkpoint")
         _add_config_flags(p)
 
@@ -120,7 +143,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default OUT_DIR/checkpoint)")
     _add_config_flags(p)
 
+    p = sub.add_parser(
+        "generations", help="recursive generations: gen k meta-trains gen k+1, a governor decides adoption",
+        description="Generation 0 is meta-trained by Adam; generation k+1 by the incumbent (latest adopted) "
+                    "generation's learned optimizer, with an Adam-trained control arm. A governor reviews each "
+                    "candidate on held-out tasks (generalisation, meta-overfitting, 10x horizon, the loop "
+                    "itself, bounds, rate limit) and the lineage in OUT_DIR/lineage records everything. "
+                    "Re-running the same command resumes; a file OUT_DIR/STOP or Ctrl-C ends the run cleanly.")
+    _common(p)
+    p.add_argument("--max-generations", type=int, default=None, metavar="N",
+                   help="generations in the lineage when the run ends (default gen.max_generations)")
+    p.add_argument("--approval", choices=["auto", "prompt", "file"], default=None,
+                   help="auto: adopt what the governor adopts (held verdicts wait); prompt: ask y/n; "
+                        "file: wait for 'train.py approve/reject RUN GEN' (default gen.approval)")
+    p.add_argument("--overwrite", action="store_true", help="delete OUT_DIR's generations run and start over")
+    _add_config_flags(p)
+
+    p = sub.add_parser("lineage", help="show a generations run's lineage (table + plot), verifying its hash chain")
+    p.add_argument("run", type=Path, help="the run directory (generations --out-dir)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p = sub.add_parser("rollback", help="make an earlier adopted generation the incumbent again")
+    p.add_argument("run", type=Path)
+    p.add_argument("generation", type=int)
+    p.add_argument("--reason", default="", help="recorded in the lineage")
+    for name, verb in (("approve", "adopt"), ("reject", "reject")):
+        p = sub.add_parser(name, help=f"{verb} a generation whose verdict is pending (approval file mode / rate limiter)")
+        p.add_argument("run", type=Path)
+        p.add_argument("generation", type=int)
+        p.add_argument("--by", default="", help="who decided (recorded in the lineage)")
+
     sub.add_parser("presets", help="print the presets as JSON")
+    # its own options live in kernels/bench_lo_step.py (main() hands the arguments over; see --help there)
+    sub.add_parser("bench-kernels", add_help=False,
+                   help="CUDA benchmark of the fused LO-step kernels: forward, backward (meta-training inner "
+                        "steps), population (kernels/bench_lo_step.py; see 'bench-kernels --help')")
     return parser
 
 
@@ -167,6 +223,7 @@ def _setup_threads(cfg) -> None:
 
 def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
     """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently."""
+    from meta import distributed as D
     from meta.logging import MetricsLogger
     from meta.trainer import MetaTrainer, StopFlag
     from optimizers import checkpoint as ckpt
@@ -174,25 +231,33 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
 
     out = Path(cfg.out_dir)
     path = out / "checkpoint"
+    exists = D.run_on_main(ckpt.exists, path)  # rank 0 looks, every rank takes the same branch
+    if resume == "auto" or D.restart_count() > 0:  # a torchrun restart continues what the first attempt wrote
+        resume = exists
     if resume:
-        if not ckpt.exists(path):
+        if not exists:
             raise ConfigError(f"--resume: no checkpoint at {path} (nothing to resume)")
         trainer = MetaTrainer.load(path, cfg)
         print(f"[ouroboros] resumed from {path} at step {trainer.step}/{cfg.meta.outer_steps}", flush=True)
     else:
-        if ckpt.exists(path) and not overwrite:
-            raise ConfigError(f"{path} already holds a run: pass --resume to continue it, --overwrite to "
-                              f"start over, or --out-dir for a new run")
+        if exists and not overwrite:
+            raise ConfigError(f"{path} already holds a run: pass --resume to continue it (--resume auto: "
+                              f"continue it if present), --overwrite to start over, or --out-dir for a new run")
         trainer = MetaTrainer(cfg)
-    logger = MetricsLogger(out, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
-                           name=out.name, resume_id=trainer.wandb_id)
-    trainer.wandb_id = logger.wandb_id
-    if resume:
-        logger.truncate_after(trainer.step)
-    else:
-        logger.path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    logger = None
+    if D.is_main():  # rank 0 alone logs (JSONL + W&B) and writes files
+        logger = MetricsLogger(out, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
+                               name=out.name, resume_id=trainer.wandb_id)
+        trainer.wandb_id = logger.wandb_id
+        if resume:
+            logger.truncate_after(trainer.step)
+        else:
+            logger.path.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if D.active():
+        print(f"[ouroboros] {D.world_size()} processes ({D.context().backend}); rank 0 steps members "
+              f"{trainer.member_ids}", flush=True)
     print(f"[ouroboros] meta-training a learned optimizer ({trainer.lopt.num_theta()} weights) on "
           f"'{cfg.meta.distribution}' with {cfg.meta.estimator}, population {cfg.meta.population}, "
           f"horizon {cfg.meta.horizon}, truncation {cfg.meta.truncation}; outer optimizer "
@@ -202,8 +267,9 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
         trainer.train(progress=progress, logger=logger, should_stop=stop)
     trainer.save()
     lo_path = trainer.save_learned_optimizer(out / "learned_optimizer")
-    logger.log_artifact(lo_path, name=f"lopt-{out.name}", aliases=["latest"])
-    logger.finish()
+    if logger is not None:
+        logger.log_artifact(lo_path, name=f"lopt-{out.name}", aliases=["latest"])
+        logger.finish()
     done = trainer.step >= cfg.meta.outer_steps
     print(f"[ouroboros] {'finished' if done else 'stopped'} at step {trainer.step} in {time.time() - t0:.0f}s; "
           f"checkpoint {path}, learned optimizer {lo_path}", flush=True)
@@ -213,12 +279,13 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
 def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True) -> dict:
     import torch
 
+    from meta import distributed as D
     from meta.evaluate import evaluate, write_report
     from optimizers import checkpoint as ckpt
     from tasks import get_distribution, seeded
 
     path = Path(checkpoint) if checkpoint else Path(cfg.out_dir) / "checkpoint"
-    tensors, meta = ckpt.load(path)
+    tensors, meta = D.load_checkpoint(path)  # under torchrun: rank 0 reads and broadcasts
     lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
     theta0 = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("theta0/")}
     if not theta0:
@@ -239,14 +306,92 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
     results["checkpoint"] = str(path)
     results["eval_seconds"] = time.time() - t0
     out = Path(cfg.out_dir) / "eval"
+    if not D.is_main():  # every rank holds the same results; rank 0 alone writes them
+        return results
     write_report(results, out)
     print((out / "results.md").read_text())
     print(f"[ouroboros] wrote {out}/results.json, results.md, curves.png in {time.time() - t0:.0f}s", flush=True)
     return results
 
 
+GENERATIONS_DIR = "runs/generations"
+
+
+def generations(cfg, args, *, progress: bool = True):
+    """``train.py generations``: run (or resume) recursive generations under the governor."""
+    import shutil
+
+    from meta import distributed as D
+    from meta.generations import GenerationRunner
+    from meta.trainer import StopFlag
+    from optimizers.learned import ConfigError
+
+    if D.active() and D.world_size() > 1:
+        # lineage appends, approval waits and review caches are not yet rank-0-only / broadcast
+        raise ConfigError("'generations' does not run under torchrun with more than one process yet; "
+                          "run it as a single process (meta-train and evaluate do scale out)")
+
+    gen = {}
+    if args.max_generations is not None:
+        gen["max_generations"] = args.max_generations
+    if args.approval is not None:
+        gen["approval"] = args.approval
+    if gen:
+        cfg = replace(cfg, gen=replace(cfg.gen, **gen))
+    if getattr(args, "cfg:out_dir") is None and not args.config:
+        cfg = replace(cfg, out_dir=GENERATIONS_DIR)
+    out = Path(cfg.out_dir)
+    if args.overwrite and out.exists():
+        shutil.rmtree(out)
+    # validate the task distribution before any work starts (e.g. a missing dataset directory)
+    from tasks import get_distribution
+    get_distribution(cfg.meta.distribution, cfg.meta.dist_seed).task("held_out", 0)
+    t0 = time.time()
+    with StopFlag() as stop:
+        result = GenerationRunner(cfg, out, progress=progress, should_stop=stop).run()
+    print((out / "report.md").read_text())
+    print(f"[ouroboros] generations run {out}: {time.time() - t0:.0f}s this invocation; "
+          f"report {out / 'report.md'}, plot {out / 'report.png'}", flush=True)
+    return result
+
+
+def lineage_command(args) -> int:
+    from meta.generations_report import generation_rows, markdown, plot
+    from meta.lineage import Lineage
+
+    lineage = Lineage(args.run)
+    if not lineage.entries_dir.is_dir():
+        from meta.lineage import LineageError
+        raise LineageError(f"{args.run} has no lineage (expected {lineage.entries_dir})")
+    if args.command == "rollback":
+        e = lineage.append_rollback(args.generation, args.reason)
+        print(f"[ouroboros] incumbent of {args.run} is now generation {args.generation} (was {e['from']}); "
+              f"lineage entry {e['index']}")
+        return 0
+    if args.command in ("approve", "reject"):
+        e = lineage.append_approval(args.generation, args.command, by=args.by)
+        print(f"[ouroboros] generation {args.generation} {args.command}d; lineage entry {e['index']}")
+        return 0
+    rows = generation_rows(args.run)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(markdown(rows, args.run))
+    events = [e for e in lineage.entries() if e["kind"] != "generation"]
+    for e in events:
+        what = f"rollback to gen {e['to']}" if e["kind"] == "rollback" else f"{e['decision']} gen {e['generation']}"
+        print(f"- entry {e['index']} ({e['time']}): {what}")
+    png = plot(rows, Path(args.run) / "lineage.png")
+    print(f"hash chain verified ({len(lineage.entries())} entries); plot {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench-kernels":  # exit 0 without CUDA (message, nothing measured)
+        from kernels.bench_lo_step import main as bench_main
+
+        return bench_main(argv[1:], prog="train.py bench-kernels", no_cuda_status=0)
     if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
     parser = build_parser()
@@ -258,14 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     from optimizers.checkpoint import CheckpointError
     from tasks.base import TaskConfigError
     from tasks.data import DatasetError
+    from meta.lineage import LineageError
+    from meta import distributed as D
 
+    stdout = sys.stdout
+    if D.env_world_size() > 1 and args.command != "presets":  # launched by torchrun on several processes
+        D.init()  # gloo on CPU, NCCL on CUDA; OUROBOROS_DIST_TIMEOUT bounds every collective
+        if not D.is_main():
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - rank 0 alone prints (errors reach stderr)
     try:
         if args.command == "presets":
             print(json.dumps({k: v.to_dict() for k, v in presets().items()}, indent=2))
             return 0
+        if args.command in ("lineage", "rollback", "approve", "reject"):
+            return lineage_command(args)
         cfg = resolve_config(args)
         _setup_threads(cfg)
-        progress = not args.quiet
+        progress = not args.quiet and D.is_main()
         if args.command in ("run", "meta-train"):
             # validate the task distribution before any work starts (e.g. a missing dataset directory)
             from tasks import get_distribution
@@ -275,9 +429,16 @@ def main(argv: list[str] | None = None) -> int:
                 evaluate_checkpoint(cfg, trainer.checkpoint_path, progress=progress)
         elif args.command == "evaluate":
             evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
-    except (ConfigError, CheckpointError, TaskConfigError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        elif args.command == "generations":
+            generations(cfg, args, progress=progress)
+    except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
+        print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
         return 2
+    finally:
+        D.shutdown()  # also after an error (e.g. a peer died): no process is left waiting
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
     return 0
 
 

@@ -2,13 +2,15 @@
 
 A run is described by :class:`RunConfig` = ``meta`` (:class:`MetaConfig`, the meta-training recipe),
 ``lo`` (:class:`~optimizers.learned.LOConfig`, the learned optimizer's architecture), ``eval``
-(:class:`EvalConfig`) and run-level settings (output directory, logging). Configs round-trip through
-JSON; an unknown key anywhere is a :class:`ConfigError` naming the key and the known ones, so a typo
+(:class:`EvalConfig`), ``gen`` (:class:`GenConfig`, recursive generations), ``gov``
+(:class:`GovernorConfig`, the governor's checks and bounds) and run-level settings (output directory,
+logging). Configs round-trip through JSON; an unknown key anywhere is a :class:`ConfigError` naming the key and the known ones, so a typo
 in a config file or on the command line fails at once instead of silently using a default.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -76,10 +78,91 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GovernorConfig:
+    """The governor's checks and bounds (:mod:`meta.governor`); scores are in log-loss units vs tuned Adam."""
+
+    num_tasks: int = 20  # decision-split (held_out) tasks
+    train_tasks: int = 8  # meta-training tasks re-evaluated for the overfitting gap
+    long_factor: int = 10  # horizon check at long_factor x the meta-training horizon
+    adam_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    level: float = 0.95
+    bootstrap: int = 4000
+    min_improvement: float = 0.0  # lower end of the improvement interval must exceed this
+    max_overfit_gap: float = 0.5  # held_out score - meta_train score, log units
+    long_tolerance: float = 0.1  # allowed mean loss of advantage at the long horizon, log units
+    loop_steps: int = 20  # outer steps of the loop check (0 disables it)
+    loop_population: int = 4
+    loop_tasks: int = 8
+    loop_tolerance: float = 0.1  # log units
+    probe_tasks: int = 2
+    probe_steps: int = 50
+    max_update_ratio: float = 0.5  # largest ||update|| / ||params|| in one step on the probe tasks
+    max_theta: int = 100_000  # learned-optimizer weights
+    max_flops_per_element: int = 20_000  # MLP FLOPs per parameter element per step
+    max_state_floats: int = 8  # accumulator floats per parameter element
+    max_step_time_ratio: float = 100.0  # wall-clock per step / Adam's, on the probe task
+    rate_limit: float = 1.5  # mean improvement (log units) above which adoption waits for a human
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_lrs", tuple(float(x) for x in self.adam_lrs))
+        for name in ("num_tasks", "train_tasks", "long_factor", "bootstrap", "probe_tasks", "probe_steps",
+                     "loop_population", "loop_tasks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"gov.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_tasks < 3:
+            raise ConfigError("gov.num_tasks must be >= 3 for an interval")
+        if not 0.0 < self.level < 1.0:
+            raise ConfigError("gov.level must lie in (0, 1)")
+        if self.loop_steps < 0 or self.rate_limit <= 0 or self.max_update_ratio <= 0:
+            raise ConfigError("gov.loop_steps must be >= 0, gov.rate_limit and gov.max_update_ratio > 0")
+
+
+@dataclass(frozen=True)
+class GenConfig:
+    """Recursive generations (``train.py generations``, :mod:`meta.generations`)."""
+
+    max_generations: int = 3  # generations to have in the lineage when the run ends
+    outer_steps: int = 150  # outer steps per successor generation (generation 0 uses meta.outer_steps)
+    start: str = "incumbent"  # successors start from the incumbent's weights (same architecture) | fresh
+    control: bool = True  # also meta-train each successor with Adam (same budget, seeds, start)
+    outer_scale: float = 0.0  # update scale of a learned optimizer used as the outer one; 0: outer_lr / nominal_lr
+    successor_lo: str = ""  # JSON object of LOConfig overrides for successors, e.g. {"hidden_width": 16}
+    approval: str = "auto"  # auto | prompt | file
+    poll_seconds: float = 2.0  # how often a run waiting for approval checks the lineage
+
+    def __post_init__(self) -> None:
+        if self.max_generations < 1 or self.outer_steps < 1:
+            raise ConfigError("gen.max_generations and gen.outer_steps must be >= 1")
+        if self.start not in ("incumbent", "fresh"):
+            raise ConfigError(f"gen.start must be incumbent or fresh, got {self.start!r}")
+        if self.approval not in ("auto", "prompt", "file"):
+            raise ConfigError(f"gen.approval must be auto, prompt or file, got {self.approval!r}")
+        if self.outer_scale < 0 or self.poll_seconds <= 0:
+            raise ConfigError("gen.outer_scale must be >= 0 and gen.poll_seconds > 0")
+        self.successor_overrides()  # validate now, not after generation 0
+
+    def successor_overrides(self) -> dict[str, Any]:
+        if not self.successor_lo.strip():
+            return {}
+        try:
+            data = json.loads(self.successor_lo)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"gen.successor_lo is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError("gen.successor_lo must be a JSON object of LOConfig fields")
+        _check_keys(LOConfig, data)
+        LOConfig.from_dict({**LOConfig().to_dict(), **data})
+        return data
+
+
+@dataclass(frozen=True)
 class RunConfig:
     meta: MetaConfig = field(default_factory=MetaConfig)
     lo: LOConfig = field(default_factory=LOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    gov: GovernorConfig = field(default_factory=GovernorConfig)
     out_dir: str = "runs/default"
     checkpoint_every: int = 25  # outer steps between checkpoints
     log_every: int = 1
@@ -100,7 +183,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lo"] = self.lo.to_dict()
-        d["eval"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["eval"].items()}
+        for section in ("eval", "gov"):
+            d[section] = {k: list(v) if isinstance(v, tuple) else v for k, v in d[section].items()}
         return d
 
     @classmethod
@@ -115,10 +199,14 @@ class RunConfig:
         if "eval" in kw:
             _check_keys(EvalConfig, kw["eval"])
             kw["eval"] = EvalConfig(**kw["eval"])
+        for name in ("gen", "gov"):
+            if name in kw:
+                _check_keys(SECTIONS[name], kw[name])
+                kw[name] = SECTIONS[name](**kw[name])
         return cls(**kw)
 
 
-SECTIONS = {"meta": MetaConfig, "lo": LOConfig, "eval": EvalConfig}
+SECTIONS = {"meta": MetaConfig, "lo": LOConfig, "eval": EvalConfig, "gen": GenConfig, "gov": GovernorConfig}
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:

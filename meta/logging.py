@@ -3,6 +3,9 @@
 W&B is imported only when a logger is created with ``mode != "disabled"``; ``offline`` (the default)
 needs no account and writes under ``<run_dir>/wandb`` for a later ``wandb sync``. A missing wandb
 package degrades to JSONL-only with a warning rather than stopping a run.
+
+Under a process group (torchrun) only rank 0 logs: on the other ranks a logger is a silent no-op (no
+directory, no file, no W&B run), so code may create and use one on every rank.
 """
 
 from __future__ import annotations
@@ -18,10 +21,15 @@ class MetricsLogger:
     def __init__(self, run_dir: str | Path, *, mode: str = "offline", project: str = "ouroboros",
                  config: dict[str, Any] | None = None, name: str | None = None, group: str | None = None,
                  job_type: str = "meta-train", resume_id: str | None = None):
+        from meta import distributed as D
+
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
+        self.enabled = D.is_main()  # rank 0 alone writes under torchrun
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if mode != "disabled":
             try:
                 import wandb  # lazy: optional at import time
@@ -40,6 +48,8 @@ class MetricsLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -48,7 +58,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop JSONL records past the checkpoint so the file matches the run's state."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -75,6 +85,17 @@ class MetricsLogger:
         import wandb
 
         self.wandb_run.log({key: wandb.Image(str(path))})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table (e.g. a governor verdict) to W&B; also a JSONL record so it is never W&B-only."""
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"table": key, "columns": columns, "rows": rows}) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
 
     def finish(self) -> None:
         if self.wandb_run is not None:

@@ -1,0 +1,380 @@
+"""Recursive meta-generations: generation k's learned optimizer meta-trains generation k+1.
+
+One generation, in order, each step resumable (a crash loses at most the outer steps since the last
+checkpoint, never a finished generation):
+
+1. **candidate**: a learned optimizer (``lo``, or ``lo`` + ``gen.successor_lo`` for successors) is
+   meta-trained for the generation's budget by the *incumbent* (the latest adopted generation, bound
+   to its weights and wrapped by :func:`optimizers.transforms.scale_updates`; Adam before any
+   adoption). It starts from the incumbent's weights when the architecture allows and
+   ``gen.start == "incumbent"``, else from a fresh seeded initialisation.
+2. **control**: the same successor meta-trained by Adam with the same budget, seeds and start, so the
+   run measures whether the recursion pays. (No control when the incumbent *is* Adam: it would be the
+   candidate itself.)
+3. **review**: :class:`meta.governor.Governor` gathers evidence (the control rides along in the
+   decision-split evaluation for the report) and returns a verdict; the review is cached in the
+   generation's directory before the lineage entry is written.
+4. **lineage**: weights + the verdict + evidence summary + hashes are appended to
+   :class:`meta.lineage.Lineage`. ``adopt`` verdicts are adopted at once in ``auto`` approval mode;
+   ``hold`` verdicts (rate limiter) and, in ``file`` / ``prompt`` mode, every passing verdict wait as
+   *pending* for ``train.py approve RUN GEN`` / ``reject`` (or a y/n on the terminal).
+
+How a learned optimizer is scaled to be an outer optimizer: its features are normalised per tensor
+and the meta-gradients it sees are clipped element-wise (``meta.grad_clip_value``) before they reach
+it, so gradient scale does not matter; its *step size* was learned for inner tasks, so every update is
+multiplied by ``gen.outer_scale`` (default ``meta.outer_lr / lo.nominal_lr``: the learned nominal Adam
+term then starts exactly at the outer learning rate Adam would use, and the MLP term and learned
+schedule keep their learned size relative to it). The outer step counter plays the role of the inner
+step counter in the time features: an outer run of a few hundred steps is inside the range of inner
+horizons the optimizer was meta-trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from meta.config import RunConfig
+from meta.evaluate import TUNED_ADAM
+from meta.governor import Candidate, Governor, Verdict
+from meta.lineage import ADOPTED, PENDING, REJECTED, Lineage, LineageError
+from meta.trainer import MetaTrainer
+from optimizers import checkpoint as ckpt
+from optimizers.base import Optimizer
+from optimizers.hand import Adam
+from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
+from optimizers.transforms import scale_updates
+from optimizers.tree import Params
+from tasks import get_distribution, seeded
+
+STOP_FILE = "STOP"
+
+
+def gen_dir(run_dir: Path, g: int) -> Path:
+    return Path(run_dir) / f"gen-{g:04d}"
+
+
+def outer_scale(cfg: RunConfig, lo: LOConfig) -> float:
+    return cfg.gen.outer_scale or cfg.meta.outer_lr / lo.nominal_lr
+
+
+def lo_config_for(cfg: RunConfig, g: int) -> LOConfig:
+    if g == 0:
+        return cfg.lo
+    return LOConfig.from_dict({**cfg.lo.to_dict(), **cfg.gen.successor_overrides()})
+
+
+class LoopTrainer:
+    """The governor's loop check: meta-train a fresh successor for a few steps with a given outer optimizer
+    from a fixed start (same seeds for every outer optimizer compared)."""
+
+    def __init__(self, cfg: RunConfig, lo: LOConfig, seed: int):
+        self.cfg = replace(cfg, lo=lo, meta=replace(cfg.meta, population=cfg.gov.loop_population, seed=seed),
+                           wandb="disabled")
+        self.lopt = LearnedOptimizer(lo)
+        self.seed = seed
+
+    def __call__(self, outer: Optimizer | None, steps: int) -> Params:
+        trainer = MetaTrainer(self.cfg, outer=outer or Adam(lr=self.cfg.meta.outer_lr),
+                              theta=self.lopt.init_theta(seeded("loop_theta", self.seed)))
+        for _ in range(steps):
+            trainer.train_step()
+        return trainer.theta
+
+
+def train_task_indices(trainer: MetaTrainer, limit: int) -> list[int]:
+    """The meta_train-split task indices the trainer's members actually trained on, in order seen."""
+    est = trainer.estimator
+    seen: dict[int, None] = {}
+    members = trainer.member_scalars()  # every member, also when the population is sharded
+    last = max((m["episode"] for m in members), default=0)
+    for e in range(last + 1):
+        for i, m in enumerate(members):
+            if e <= m["episode"]:
+                seen.setdefault(est._task_index(i, e), None)
+            if len(seen) >= limit:
+                return list(seen)
+    return list(seen)
+
+
+class GenerationRunner:
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, progress: bool = True,
+                 should_stop: Callable[[], bool] = lambda: False, prompt: Callable[[str], str] | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.lineage = Lineage(self.run_dir)
+        self.progress = progress
+        self._should_stop = should_stop
+        self.prompt = prompt
+        self.log = log or (lambda s: print(f"[ouroboros] {s}", flush=True))
+        self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
+
+    # ---- control ------------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        return self._should_stop() or (self.run_dir / STOP_FILE).exists()
+
+    def check_config(self) -> None:
+        """A run directory holds one run: refuse to continue it under a different config."""
+        path = self.run_dir / "config.json"
+        mine = self.cfg.to_dict()
+        if path.exists():
+            old = json.loads(path.read_text())
+            # bounds on the run's length may change between invocations; nothing else may
+            for d in (old, mine):
+                for key in ("max_generations", "approval", "poll_seconds"):
+                    d.get("gen", {}).pop(key, None)
+                for key in ("wandb", "wandb_project", "threads", "out_dir"):
+                    d.pop(key, None)
+            if old != mine:
+                diff = sorted(_diff_keys(old, mine))
+                raise ConfigError(f"{self.run_dir} holds a generations run with a different config "
+                                  f"(differs in {diff}); use a new --out-dir or --overwrite")
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_json(path, self.cfg.to_dict())
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.check_config()
+        self.lineage.verify()
+        while not self.should_stop():
+            st = self.lineage.state()
+            pending = [g for g, s in st.status.items() if s == PENDING]
+            if pending:
+                if not self.wait_for_approval(pending[0]):
+                    break
+                continue
+            g = len(st.records)
+            if g >= self.cfg.gen.max_generations:
+                break
+            if not self.run_generation(g):
+                break
+        from meta.generations_report import write_report
+
+        paths = write_report(self.run_dir)
+        st = self.lineage.state()
+        who = f"gen-{st.incumbent}" if st.incumbent is not None else "tuned Adam (none adopted)"
+        self.log(f"lineage: {len(st.records)} generation(s), incumbent {who}; report {paths['md']}")
+        return {"state": st, "report": paths}
+
+    def incumbent(self) -> tuple[int | None, Candidate | None]:
+        st = self.lineage.state()
+        if st.incumbent is None:
+            return None, None
+        rec = st.records[st.incumbent]
+        lopt, theta, _ = ckpt.load_learned_optimizer(self.lineage.root / rec["weights"])
+        return st.incumbent, Candidate(f"gen-{st.incumbent}", lopt, theta, horizon=self.cfg.meta.horizon,
+                                       outer_scale=outer_scale(self.cfg, lopt.config))
+
+    def _arm_config(self, g: int, arm: str, lo: LOConfig, trained_by: str) -> RunConfig:
+        meta = self.cfg.meta
+        steps = meta.outer_steps if g == 0 else self.cfg.gen.outer_steps
+        return replace(self.cfg, lo=lo, out_dir=str(gen_dir(self.run_dir, g) / arm),
+                       meta=replace(meta, seed=meta.seed + g, outer_steps=steps, outer_optimizer=trained_by))
+
+    def _meta_train(self, g: int, arm: str, lo: LOConfig, outer: Optimizer, trained_by: str, outer_path: str,
+                    start: Params) -> MetaTrainer | None:
+        """Meta-train (or resume) one arm; None if asked to stop before it finished."""
+        from meta.logging import MetricsLogger
+
+        cfg = self._arm_config(g, arm, lo, outer_path)
+        path = Path(cfg.out_dir) / "checkpoint"
+        if ckpt.exists(path):
+            trainer = MetaTrainer.load(path, cfg, outer=outer)
+        else:
+            trainer = MetaTrainer(cfg, outer=outer, theta={k: v.clone() for k, v in start.items()})
+        if trainer.step >= cfg.meta.outer_steps:
+            return trainer
+        logger = MetricsLogger(cfg.out_dir, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
+                               name=f"{self.run_dir.name}-gen{g}-{arm}", group=self.run_dir.name,
+                               job_type=arm, resume_id=trainer.wandb_id)
+        trainer.wandb_id = logger.wandb_id
+        logger.truncate_after(trainer.step)
+        self.log(f"gen {g} {arm}: meta-training by {trained_by} for {cfg.meta.outer_steps} outer steps "
+                 f"(from step {trainer.step})")
+        try:
+            trainer.train(progress=self.progress, logger=logger, should_stop=self.should_stop)
+            trainer.save()
+        finally:
+            logger.finish()
+        return trainer if trainer.step >= cfg.meta.outer_steps else None
+
+    def run_generation(self, g: int) -> bool:
+        """Make generation ``g`` (resuming whatever part was done); False if stopped part-way."""
+        t0 = time.time()
+        inc_gen, incumbent = self.incumbent()
+        lo = lo_config_for(self.cfg, g)
+        lopt = LearnedOptimizer(lo)
+        if self.cfg.gen.start == "incumbent" and incumbent is not None and incumbent.lopt.config == lo:
+            start, parent = incumbent.theta, inc_gen
+        else:
+            start, parent = lopt.init_theta(seeded("theta", self.cfg.meta.seed + g)), None
+        trained_by = "adam" if incumbent is None else incumbent.name
+        outer_path = "adam" if incumbent is None else str(self.lineage.weights_path(inc_gen))
+        outer = Adam(lr=self.cfg.meta.outer_lr) if incumbent is None else \
+            scale_updates(incumbent.bind(), incumbent.outer_scale)
+
+        cand = self._meta_train(g, "candidate", lo, outer, trained_by, outer_path, start)
+        if cand is None:
+            return False
+        control = None
+        if self.cfg.gen.control and incumbent is not None:
+            control = self._meta_train(g, "control", lo, Adam(lr=self.cfg.meta.outer_lr), "adam", "adam", start)
+            if control is None:
+                return False
+        verdict, ev = self.review(g, cand, control, incumbent)
+        self.record(g, cand, control, verdict, ev, parent=parent, trained_by=trained_by, seconds=time.time() - t0)
+        return True
+
+    def review(self, g: int, cand: MetaTrainer, control: MetaTrainer | None,
+               incumbent: Candidate | None) -> tuple[Verdict, dict]:
+        path = gen_dir(self.run_dir, g) / "review.json"
+        if path.exists():  # reviewed before a crash: the review is deterministic, reuse it
+            data = json.loads(path.read_text())
+            return Verdict(**data["verdict"]), data["evidence"]
+        lo = cand.lopt.config
+        candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
+                              train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
+                              horizon=self.cfg.meta.horizon, outer_scale=outer_scale(self.cfg, lo))
+        loop = LoopTrainer(self.cfg, lo_config_for(self.cfg, g + 1), seed=self.cfg.meta.seed + 7919 * (g + 1))
+        gov = Governor(self.cfg.gov, self.dist, self.cfg.meta.horizon, loop_trainer=loop, progress=self.progress)
+        extra = {"control": control.lopt.bind(control.theta)} if control is not None else None
+        self.log(f"gen {g}: governor reviewing {candidate.name} against "
+                 f"{incumbent.name if incumbent else 'tuned Adam'}")
+        verdict, ev = gov.review(candidate, incumbent, extra)
+        results = ev.pop("held_out_results", None)
+        if results is not None:
+            ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results)
+        ckpt.atomic_write_json(path, {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)})
+        return verdict, ev
+
+    def record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
+               parent: int | None, trained_by: str, seconds: float) -> dict:
+        mode = self.cfg.gen.approval
+        if verdict.decision == "reject":
+            status = REJECTED
+        elif verdict.decision == "hold" or mode in ("file", "prompt"):
+            status = PENDING
+        else:
+            status = ADOPTED
+        wpath, wsha = self.lineage.save_weights(g, cand.lopt, cand.theta)
+        control_rec = None
+        if control is not None:
+            cpath = gen_dir(self.run_dir, g) / "control_lopt"
+            ckpt.save_learned_optimizer(cpath, control.lopt, control.theta, generation=g, arm="control")
+            control_rec = {"weights": str(cpath.relative_to(self.run_dir)), "trained_by": "adam",
+                           "steps": control.step}
+        st = self.lineage.state()
+        entry = {
+            "kind": "generation",
+            "generation": g,
+            "status": status,
+            "parent": parent,
+            "parent_hash": st.records[parent]["hash"] if parent is not None else None,
+            "trained_by": trained_by,
+            "lo_config": cand.lopt.config.to_dict(),
+            "num_theta": cand.lopt.num_theta(),
+            "outer_steps": cand.step,
+            "seed": cand.cfg.meta.seed,
+            "distribution": self.dist.name,
+            "distribution_digest": self.dist.digest(),
+            "weights": wpath,
+            "weights_sha256": wsha,
+            "control": control_rec,
+            "verdict": verdict.to_dict(),
+            "metrics": summary_metrics(ev),
+            "seconds": seconds,
+        }
+        e = self.lineage.append(entry)
+        self.log(f"gen {g}: verdict {verdict.decision.upper()} -> {status}; " + " | ".join(verdict.reasons))
+        self._wandb_generation(g, entry, wpath, control_rec)
+        return e
+
+    def _wandb_generation(self, g: int, entry: dict, wpath: str, control_rec: dict | None) -> None:
+        if self.cfg.wandb == "disabled":
+            return
+        from meta.logging import MetricsLogger
+
+        logger = MetricsLogger(gen_dir(self.run_dir, g) / "verdict", mode=self.cfg.wandb,
+                               project=self.cfg.wandb_project, name=f"{self.run_dir.name}-gen{g}-verdict",
+                               group=self.run_dir.name, job_type="verdict", config={"generation": g})
+        try:
+            v = entry["verdict"]
+            logger.log_table("verdict", ["check", "passed", "reason"],
+                             [[k, c.get("passed"), c.get("reason", "")] for k, c in v["checks"].items()])
+            logger.summary({"decision": v["decision"], "status": entry["status"], **entry["metrics"]})
+            logger.log_artifact(self.lineage.root / wpath, name=f"{self.run_dir.name}-gen{g}",
+                                aliases=["candidate", entry["status"]])
+            if control_rec:
+                logger.log_artifact(self.run_dir / control_rec["weights"], name=f"{self.run_dir.name}-gen{g}-control",
+                                    aliases=["control"])
+        finally:
+            logger.finish()
+
+    # ---- approval -----------------------------------------------------------------------------
+    def wait_for_approval(self, g: int) -> bool:
+        """Block until generation ``g``'s pending verdict is decided; False if asked to stop first."""
+        rec = self.lineage.state().records[g]
+        if self.cfg.gen.approval == "prompt" and (self.prompt is not None or sys.stdin.isatty()):
+            ask = self.prompt or input
+            reasons = "\n  ".join(rec["verdict"]["reasons"])
+            answer = ask(f"generation {g}: governor says {rec['verdict']['decision']}:\n  {reasons}\n"
+                         f"adopt generation {g}? [y/N] ").strip().lower()
+            self.lineage.append_approval(g, "approve" if answer in ("y", "yes") else "reject", by="prompt")
+            return True
+        self.log(f"gen {g}: verdict pending approval: run `python train.py approve {self.run_dir} {g}` or "
+                 f"`python train.py reject {self.run_dir} {g}` (Ctrl-C or a {STOP_FILE} file to stop waiting)")
+        while not self.should_stop():
+            if self.lineage.state().status.get(g) != PENDING:
+                return True
+            time.sleep(self.cfg.gen.poll_seconds)
+        return False
+
+
+def summary_metrics(ev: dict) -> dict[str, float]:
+    """Means of the held-out scores (log loss vs tuned Adam) by optimizer and horizon, for lineage/plots."""
+    out: dict[str, float] = {}
+    for label, per in ev.get("held_out", {}).items():
+        for name, d in per.items():
+            if name == TUNED_ADAM:
+                continue
+            s = d["scores"]
+            out[f"{name}/{label}/score"] = sum(s) / len(s)
+            out[f"{name}/{label}/speedup"] = sum(d["speedups"]) / len(d["speedups"])
+    if "meta_train" in ev:
+        s = ev["meta_train"]["H"]["candidate"]["scores"]
+        out["candidate/meta_train/H/score"] = sum(s) / len(s)
+    return out
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return set() if a == b else {prefix}
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    return x
+
+
+__all__ = ["GenerationRunner", "Lineage", "LineageError", "LoopTrainer", "gen_dir", "lo_config_for", "outer_scale"]

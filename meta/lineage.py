@@ -1,0 +1,189 @@
+"""Lineage: the append-only, hash-chained record of every generation and every decision about it.
+
+Layout under ``RUN/lineage``::
+
+    entries/000000.json   one JSON record per event, never rewritten
+    weights/gen-0003/     the generation's learned optimizer (safetensors + JSON, content-addressed)
+
+Entry kinds:
+
+* ``generation``: a candidate after review: its config, parent (the generation whose weights it
+  started from), ``trained_by`` (the optimizer that meta-trained it: ``adam`` or ``gen-K``), hash of the
+  task distribution, seeds, metrics, the governor's verdict, the sha256 of its weights file, and the
+  control arm's record;
+* ``approval``: a human decision (``approve`` / ``reject``) on a held ("pending") verdict;
+* ``rollback``: the incumbent is set back to an earlier adopted generation.
+
+Every entry carries ``index``, ``prev_hash`` (the previous entry's hash; zeros for the first) and
+``hash`` = sha256 of the canonical JSON of everything else, so editing, deleting or reordering any
+entry breaks the chain at a point :meth:`Lineage.verify` names. Weights are verified against the
+sha256 recorded in their entry. Appends take an exclusive ``flock`` (a running ``generations`` and a
+``rollback`` / ``approve`` from another shell cannot interleave) and are atomic (temp file + rename), so
+a crash leaves the lineage as it was before the append or after it, never in between.
+
+State (who is the incumbent, which verdicts are pending) is *derived* by replaying the entries; it is
+never stored separately, so it cannot drift from the evidence.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optimizers import checkpoint as ckpt
+
+GENESIS = "0" * 64
+ADOPTED, REJECTED, PENDING = "adopted", "rejected", "pending"
+
+
+class LineageError(RuntimeError):
+    """The lineage is inconsistent (tampered, truncated) or an operation on it is not allowed."""
+
+
+def canonical_hash(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 of a saved learned optimizer's record (which itself holds the tensors' sha256)."""
+    return hashlib.sha256((Path(path) / ckpt.RECORD).read_bytes()).hexdigest()
+
+
+@dataclass
+class LineageState:
+    """What replaying the entries says."""
+
+    status: dict[int, str] = field(default_factory=dict)  # generation -> adopted | rejected | pending
+    records: dict[int, dict] = field(default_factory=dict)  # generation -> its 'generation' entry
+    incumbent: int | None = None  # None: no adopted generation yet (the hand-designed baseline)
+    adopted_order: list[int] = field(default_factory=list)
+
+
+class Lineage:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.root = Path(run_dir) / "lineage"
+        self.entries_dir = self.root / "entries"
+        self.weights_dir = self.root / "weights"
+
+    # ---- reading --------------------------------------------------------------------------
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.entries_dir.is_dir():
+            return []
+        out = []
+        for p in sorted(self.entries_dir.glob("*.json")):
+            try:
+                out.append(json.loads(p.read_text()))
+            except json.JSONDecodeError as e:
+                raise LineageError(f"lineage entry {p} is not valid JSON: {e}") from e
+        return out
+
+    def verify(self, *, check_weights: bool = True) -> list[dict[str, Any]]:
+        """Check the hash chain (and each generation's weights); returns the entries or raises."""
+        entries = self.entries()
+        prev = GENESIS
+        files = sorted(self.entries_dir.glob("*.json")) if entries else []
+        for i, (e, path) in enumerate(zip(entries, files)):
+            if path.name != f"{i:06d}.json" or e.get("index") != i:
+                raise LineageError(f"lineage entry {path.name}: expected index {i} (an entry was removed "
+                                   f"or renamed)")
+            if e.get("prev_hash") != prev:
+                raise LineageError(f"lineage entry {i}: prev_hash does not match entry {i - 1}'s hash "
+                                   f"(the chain was edited)")
+            if canonical_hash(e) != e.get("hash"):
+                raise LineageError(f"lineage entry {i} ({path}): content does not match its hash "
+                                   f"(the entry was edited)")
+            if check_weights and e.get("kind") == "generation" and e.get("weights"):
+                wpath = self.root / e["weights"]
+                if not (wpath / ckpt.RECORD).is_file():
+                    raise LineageError(f"lineage entry {i}: weights {wpath} are missing")
+                if weights_digest(wpath) != e.get("weights_sha256"):
+                    raise LineageError(f"lineage entry {i}: weights {wpath} do not match their recorded "
+                                       f"sha256 (the weights were replaced)")
+                ckpt.load(wpath)  # verifies the tensors file against its own sha256
+            prev = e["hash"]
+        return entries
+
+    def state(self, entries: list[dict[str, Any]] | None = None) -> LineageState:
+        st = LineageState()
+        for e in self.entries() if entries is None else entries:
+            kind = e.get("kind")
+            if kind == "generation":
+                g = int(e["generation"])
+                st.records[g] = e
+                st.status[g] = e["status"]
+                if st.status[g] == ADOPTED:
+                    st.incumbent = g
+                    st.adopted_order.append(g)
+            elif kind == "approval":
+                g = int(e["generation"])
+                if st.status.get(g) == PENDING:
+                    st.status[g] = ADOPTED if e["decision"] == "approve" else REJECTED
+                    if st.status[g] == ADOPTED:
+                        st.incumbent = g
+                        st.adopted_order.append(g)
+            elif kind == "rollback":
+                st.incumbent = e["to"]
+        return st
+
+    def weights_path(self, generation: int) -> Path:
+        rec = self.state().records.get(generation)
+        if rec is None:
+            raise LineageError(f"generation {generation} is not in the lineage at {self.root}")
+        return self.root / rec["weights"]
+
+    # ---- writing --------------------------------------------------------------------------
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def save_weights(self, generation: int, lopt, theta) -> tuple[str, str]:
+        """Write a generation's weights (idempotent); returns (path relative to the root, sha256)."""
+        rel = f"weights/gen-{generation:04d}"
+        ckpt.save_learned_optimizer(self.root / rel, lopt, theta, generation=generation)
+        return rel, weights_digest(self.root / rel)
+
+    def append(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Append one entry (chain fields are filled in here); verifies the chain first."""
+        with self._lock():
+            entries = self.verify(check_weights=False)
+            e = dict(entry)
+            e.update(index=len(entries), prev_hash=entries[-1]["hash"] if entries else GENESIS,
+                     time=e.get("time", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+            e["hash"] = canonical_hash(e)
+            self.entries_dir.mkdir(parents=True, exist_ok=True)
+            path = self.entries_dir / f"{e['index']:06d}.json"
+            if path.exists():
+                raise LineageError(f"{path} already exists: the lineage is append-only")
+            ckpt.atomic_write_json(path, e)
+            return e
+
+    def append_approval(self, generation: int, decision: str, by: str = "") -> dict[str, Any]:
+        if decision not in ("approve", "reject"):
+            raise LineageError(f"decision must be approve or reject, got {decision!r}")
+        st = self.state(self.verify())
+        if st.status.get(generation) != PENDING:
+            raise LineageError(f"generation {generation} has no pending verdict "
+                               f"(status: {st.status.get(generation, 'not in the lineage')})")
+        return self.append({"kind": "approval", "generation": generation, "decision": decision, "by": by})
+
+    def append_rollback(self, generation: int, reason: str = "") -> dict[str, Any]:
+        st = self.state(self.verify())
+        if st.status.get(generation) != ADOPTED:
+            raise LineageError(f"can only roll back to an adopted generation; generation {generation} is "
+                               f"{st.status.get(generation, 'not in the lineage')}")
+        return self.append({"kind": "rollback", "to": generation, "from": st.incumbent, "reason": reason})

@@ -208,3 +208,14 @@ def test_bad_successor_config_is_rejected_before_work():
         GenConfig(successor_lo='{"hidden_widht": 16}')
     with pytest.raises(ConfigError, match="not valid JSON"):
         GenConfig(successor_lo="{hidden_width: 16}")
+
+
+def test_successor_may_change_architecture(tmp_path):
+    cfg = _cfg(tmp_path, gens=2)
+    cfg = replace(cfg, gen=replace(cfg.gen, successor_lo='{"hidden_width": 4}'))
+    _run(cfg)
+    st = Lineage(cfg.out_dir).state()
+    gen0, gen1 = st.records[0], st.records[1]
+    assert gen0["lo_config"]["hidden_width"] == 8 and gen1["lo_config"]["hidden_width"] == 4
+    assert gen1["trained_by"] == "gen-0" and gen1["parent"] is None  # new architecture: fresh start
+    assert gen1["num_theta"] < gen0["num_theta"]

@@ -198,28 +198,14 @@ def bench_size(n_target: int, args, cfg: LOConfig, device, copy_bw: float, lt) -
                            reload_vectors=getattr(args, "reload_vectors", True))
         row["triton_blocks"] = dataclasses.asdict(blocks)
 
+    row["_bw"] = copy_bw
+
     def record(name, fn, moved_bytes, ref_bytes=None):
-        try:
-            t = time_cuda(fn, args.repeats, args.warmup)
-        except torch.cuda.OutOfMemoryError:
-            row["methods"][name] = {"skipped": "out of memory"}
-            _free(device)
-            return
-        except Exception as e:  # a failing method must not lose the other measurements
-            row["methods"][name] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            _free(device)
-            return
-        gbs = moved_bytes / t["median_s"] / 1e9
-        mlp_flops = 0 if name.startswith("adamw") else flops  # AdamW runs no MLP
-        row["methods"][name] = {
-            **t, "bytes": moved_bytes, "GB_per_s": gbs, "fraction_of_copy_bw": gbs * 1e9 / copy_bw,
-            "params_per_s": n / t["median_s"], "TFLOP_per_s": mlp_flops / t["median_s"] / 1e12,
-        }
-        if ref_bytes is not None:
-            row["methods"][name]["kernel_bytes"] = ref_bytes
-            row["methods"][name]["kernel_GB_per_s"] = ref_bytes / t["median_s"] / 1e9
-        print(f"  {name:24s} {t['median_s'] * 1e3:9.3f} ms  {gbs:8.1f} GB/s  "
-              f"({gbs * 1e9 / copy_bw:5.1%} of copy)", flush=True)
+        _measure(row, name, fn, args, n, moved_bytes, 0 if name.startswith("adamw") else flops, device)
+        m = row["methods"][name]
+        if ref_bytes is not None and "median_s" in m:  # AdamW runs no MLP; kernel bytes: what it moves
+            m["kernel_bytes"] = ref_bytes
+            m["kernel_GB_per_s"] = ref_bytes / m["median_s"] / 1e9
 
     must = bpe["minimum"] * n
     if "reference" in args.methods and n <= args.ref_max:
@@ -256,12 +242,7 @@ def bench_size(n_target: int, args, cfg: LOConfig, device, copy_bw: float, lt) -
         except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
             row["methods"]["adamw_fused"] = {"error": f"{type(e).__name__}: {e}"[:500]}
         _free(device)
-    ms = row["methods"]
-    base = {k: v["median_s"] for k, v in ms.items() if "median_s" in v}
-    row["speedups"] = {
-        f"{a}_over_{b}": base[b] / base[a] for a in base for b in base
-        if a.startswith("triton") and not b.startswith("triton")
-    }
+    _speedups(row)
     del params, grads, state
     _free(device)
     return row

@@ -324,12 +324,6 @@ def generations(cfg, args, *, progress: bool = True):
     from meta import distributed as D
     from meta.generations import GenerationRunner
     from meta.trainer import StopFlag
-    from optimizers.learned import ConfigError
-
-    if D.active() and D.world_size() > 1:
-        # lineage appends, approval waits and review caches are not yet rank-0-only / broadcast
-        raise ConfigError("'generations' does not run under torchrun with more than one process yet; "
-                          "run it as a single process (meta-train and evaluate do scale out)")
 
     gen = {}
     if args.max_generations is not None:
@@ -341,14 +335,16 @@ def generations(cfg, args, *, progress: bool = True):
     if getattr(args, "cfg:out_dir") is None and not args.config:
         cfg = replace(cfg, out_dir=GENERATIONS_DIR)
     out = Path(cfg.out_dir)
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
+    if args.overwrite:  # rank 0 deletes; every rank waits for it (run_on_main returns on all ranks)
+        D.run_on_main(lambda: shutil.rmtree(out) if out.exists() else None)
     # validate the task distribution before any work starts (e.g. a missing dataset directory)
     from tasks import get_distribution
     get_distribution(cfg.meta.distribution, cfg.meta.dist_seed).task("held_out", 0)
     t0 = time.time()
     with StopFlag() as stop:
         result = GenerationRunner(cfg, out, progress=progress, should_stop=stop).run()
+    if not D.is_main():  # rank 0 wrote the report (the others may not share its filesystem)
+        return result
     print((out / "report.md").read_text())
     print(f"[ouroboros] generations run {out}: {time.time() - t0:.0f}s this invocation; "
           f"report {out / 'report.md'}, plot {out / 'report.png'}", flush=True)
@@ -370,7 +366,8 @@ def lineage_command(args) -> int:
         return 0
     if args.command in ("approve", "reject"):
         e = lineage.append_approval(args.generation, args.command, by=args.by)
-        print(f"[ouroboros] generation {args.generation} {args.command}d; lineage entry {e['index']}")
+        done = "approved" if args.command == "approve" else "rejected"
+        print(f"[ouroboros] generation {args.generation} {done}; lineage entry {e['index']}")
         return 0
     rows = generation_rows(args.run)
     if args.json:

@@ -19,6 +19,15 @@ checkpoint, never a finished generation):
    ``hold`` verdicts (rate limiter) and, in ``file`` / ``prompt`` mode, every passing verdict wait as
    *pending* for ``train.py approve RUN GEN`` / ``reject`` (or a y/n on the terminal).
 
+Under ``torchrun`` (several processes) every rank runs this loop in lockstep: meta-training and the
+governor's evaluations are sharded (:mod:`meta.distributed`), while everything that touches the run
+directory -- the config check, lineage reads and appends, weights, the review cache, reports, W&B --
+happens on rank 0 alone (:func:`meta.distributed.run_on_main`) and its outcome is broadcast, so every
+rank takes the same branch without a shared filesystem. The verdict is rank 0's (the step-time bound
+is a timing, which differs between processes). ``prompt`` approval falls back to ``approve``/``reject``
+commands under torchrun (only one process has a terminal); the approval poll is one broadcast per
+``gen.poll_seconds``, so no collective waits on a human.
+
 How a learned optimizer is scaled to be an outer optimizer: its features are normalised per tensor
 and the meta-gradients it sees are clipped element-wise (``meta.grad_clip_value``) before they reach
 it, so gradient scale does not matter; its *step size* was learned for inner tasks, so every update is
@@ -42,6 +51,7 @@ from typing import Any
 
 import torch
 
+from meta import distributed as D
 from meta.config import RunConfig
 from meta.evaluate import TUNED_ADAM
 from meta.governor import Candidate, Governor, Verdict
@@ -115,12 +125,21 @@ class GenerationRunner:
         self.progress = progress
         self._should_stop = should_stop
         self.prompt = prompt
-        self.log = log or (lambda s: print(f"[ouroboros] {s}", flush=True))
+        self._log = log or (lambda s: print(f"[ouroboros] {s}", flush=True))
         self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
 
     # ---- control ------------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        if D.is_main():
+            self._log(text)
+
     def should_stop(self) -> bool:
-        return self._should_stop() or (self.run_dir / STOP_FILE).exists()
+        """A stop request (Ctrl-C, a STOP file in the run directory) seen by *any* rank stops every rank."""
+        return D.any_true(self._should_stop() or (self.run_dir / STOP_FILE).exists())
+
+    def state(self):
+        """The lineage's state as rank 0 reads it (the only rank that writes it)."""
+        return D.run_on_main(self.lineage.state)
 
     def check_config(self) -> None:
         """A run directory holds one run: refuse to continue it under a different config."""
@@ -144,10 +163,10 @@ class GenerationRunner:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self.check_config()
-        self.lineage.verify()
+        D.run_on_main(self.check_config)
+        D.run_on_main(self.lineage.verify)
         while not self.should_stop():
-            st = self.lineage.state()
+            st = self.state()
             pending = [g for g, s in st.status.items() if s == PENDING]
             if pending:
                 if not self.wait_for_approval(pending[0]):
@@ -160,18 +179,19 @@ class GenerationRunner:
                 break
         from meta.generations_report import write_report
 
-        paths = write_report(self.run_dir)
-        st = self.lineage.state()
+        paths = D.run_on_main(write_report, self.run_dir)
+        st = self.state()
         who = f"gen-{st.incumbent}" if st.incumbent is not None else "tuned Adam (none adopted)"
         self.log(f"lineage: {len(st.records)} generation(s), incumbent {who}; report {paths['md']}")
         return {"state": st, "report": paths}
 
     def incumbent(self) -> tuple[int | None, Candidate | None]:
-        st = self.lineage.state()
+        st = self.state()
         if st.incumbent is None:
             return None, None
-        rec = st.records[st.incumbent]
-        lopt, theta, _ = ckpt.load_learned_optimizer(self.lineage.root / rec["weights"])
+        path = self.lineage.root / st.records[st.incumbent]["weights"]
+        tensors, meta = D.load_checkpoint(path)  # rank 0 reads (hash-checked) and broadcasts
+        lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
         return st.incumbent, Candidate(f"gen-{st.incumbent}", lopt, theta, horizon=self.cfg.meta.horizon,
                                        outer_scale=outer_scale(self.cfg, lopt.config))
 
@@ -188,24 +208,27 @@ class GenerationRunner:
 
         cfg = self._arm_config(g, arm, lo, outer_path)
         path = Path(cfg.out_dir) / "checkpoint"
-        if ckpt.exists(path):
+        if D.run_on_main(ckpt.exists, path):  # rank 0 looks; MetaTrainer.load broadcasts what it reads
             trainer = MetaTrainer.load(path, cfg, outer=outer)
         else:
             trainer = MetaTrainer(cfg, outer=outer, theta={k: v.clone() for k, v in start.items()})
         if trainer.step >= cfg.meta.outer_steps:
             return trainer
-        logger = MetricsLogger(cfg.out_dir, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
-                               name=f"{self.run_dir.name}-gen{g}-{arm}", group=self.run_dir.name,
-                               job_type=arm, resume_id=trainer.wandb_id)
-        trainer.wandb_id = logger.wandb_id
-        logger.truncate_after(trainer.step)
+        logger = None
+        if D.is_main():  # rank 0 alone logs (JSONL + W&B)
+            logger = MetricsLogger(cfg.out_dir, mode=cfg.wandb, project=cfg.wandb_project, config=cfg.to_dict(),
+                                   name=f"{self.run_dir.name}-gen{g}-{arm}", group=self.run_dir.name,
+                                   job_type=arm, resume_id=trainer.wandb_id)
+            trainer.wandb_id = logger.wandb_id
+            logger.truncate_after(trainer.step)
         self.log(f"gen {g} {arm}: meta-training by {trained_by} for {cfg.meta.outer_steps} outer steps "
                  f"(from step {trainer.step})")
         try:
             trainer.train(progress=self.progress, logger=logger, should_stop=self.should_stop)
             trainer.save()
         finally:
-            logger.finish()
+            if logger is not None:
+                logger.finish()
         return trainer if trainer.step >= cfg.meta.outer_steps else None
 
     def run_generation(self, g: int) -> bool:
@@ -219,7 +242,7 @@ class GenerationRunner:
         else:
             start, parent = lopt.init_theta(seeded("theta", self.cfg.meta.seed + g)), None
         trained_by = "adam" if incumbent is None else incumbent.name
-        outer_path = "adam" if incumbent is None else str(self.lineage.weights_path(inc_gen))
+        outer_path = "adam" if incumbent is None else str(self.lineage.root / f"weights/gen-{inc_gen:04d}")
         outer = Adam(lr=self.cfg.meta.outer_lr) if incumbent is None else \
             scale_updates(incumbent.bind(), incumbent.outer_scale)
 
@@ -238,8 +261,8 @@ class GenerationRunner:
     def review(self, g: int, cand: MetaTrainer, control: MetaTrainer | None,
                incumbent: Candidate | None) -> tuple[Verdict, dict]:
         path = gen_dir(self.run_dir, g) / "review.json"
-        if path.exists():  # reviewed before a crash: the review is deterministic, reuse it
-            data = json.loads(path.read_text())
+        data = D.run_on_main(_read_json, path)
+        if data is not None:  # reviewed before a crash: the review is deterministic, reuse it
             return Verdict(**data["verdict"]), data["evidence"]
         lo = cand.lopt.config
         candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
@@ -250,15 +273,26 @@ class GenerationRunner:
         extra = {"control": control.lopt.bind(control.theta)} if control is not None else None
         self.log(f"gen {g}: governor reviewing {candidate.name} against "
                  f"{incumbent.name if incumbent else 'tuned Adam'}")
-        verdict, ev = gov.review(candidate, incumbent, extra)
+        verdict, ev = gov.review(candidate, incumbent, extra)  # evaluations sharded across ranks
         results = ev.pop("held_out_results", None)
-        if results is not None:
-            ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results)
-        ckpt.atomic_write_json(path, {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)})
+        verdict, ev = D.broadcast_object((verdict, ev))  # rank 0's: its step-time bound decides for all
+
+        def write() -> None:
+            if results is not None:
+                ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results)
+            ckpt.atomic_write_json(path, {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)})
+
+        D.run_on_main(write)
         return verdict, ev
 
     def record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
                parent: int | None, trained_by: str, seconds: float) -> dict:
+        """Write the weights and append the lineage entry (rank 0; every rank returns the entry)."""
+        return D.run_on_main(self._record, g, cand, control, verdict, ev, parent=parent, trained_by=trained_by,
+                             seconds=seconds)
+
+    def _record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
+                parent: int | None, trained_by: str, seconds: float) -> dict:
         mode = self.cfg.gen.approval
         if verdict.decision == "reject":
             status = REJECTED
@@ -323,8 +357,8 @@ class GenerationRunner:
     # ---- approval -----------------------------------------------------------------------------
     def wait_for_approval(self, g: int) -> bool:
         """Block until generation ``g``'s pending verdict is decided; False if asked to stop first."""
-        rec = self.lineage.state().records[g]
-        if self.cfg.gen.approval == "prompt" and (self.prompt is not None or sys.stdin.isatty()):
+        rec = self.state().records[g]
+        if self.cfg.gen.approval == "prompt" and not D.active() and (self.prompt is not None or sys.stdin.isatty()):
             ask = self.prompt or input
             reasons = "\n  ".join(rec["verdict"]["reasons"])
             answer = ask(f"generation {g}: governor says {rec['verdict']['decision']}:\n  {reasons}\n"
@@ -334,10 +368,14 @@ class GenerationRunner:
         self.log(f"gen {g}: verdict pending approval: run `python train.py approve {self.run_dir} {g}` or "
                  f"`python train.py reject {self.run_dir} {g}` (Ctrl-C or a {STOP_FILE} file to stop waiting)")
         while not self.should_stop():
-            if self.lineage.state().status.get(g) != PENDING:
+            if self.state().status.get(g) != PENDING:
                 return True
             time.sleep(self.cfg.gen.poll_seconds)
         return False
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def summary_metrics(ev: dict) -> dict[str, float]:

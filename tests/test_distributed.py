@@ -242,3 +242,58 @@ def test_a_hung_rank_makes_the_others_fail_within_the_timeout(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+# ---- generations under torchrun -------------------------------------------------------------------
+LAX = ["--gov.min_improvement", "-100", "--gov.long_tolerance", "100", "--gov.max_overfit_gap", "100",
+       "--gov.loop_tolerance", "100", "--gov.rate_limit", "100"]  # adopt everything: gen 1 is trained by gen 0
+
+
+def _generations_cli(out: Path) -> list[str]:
+    return ["train.py", "generations", "--preset", "smoke", "--quiet", "--wandb", "disabled", "--out-dir", str(out),
+            *LAX]
+
+
+def _generations_summary(run: Path) -> dict:
+    from meta.lineage import Lineage
+    from optimizers import checkpoint as ckpt
+
+    lineage = Lineage(run)
+    entries = lineage.verify()  # the hash chain and every weights file check out
+    out = {"entries": [(e["kind"], e["generation"], e["status"], e["trained_by"], e["parent"], e["verdict"]["decision"],
+                        e["outer_steps"]) for e in entries],
+           "weights": [ckpt.load_learned_optimizer(lineage.root / e["weights"])[1] for e in entries],
+           "scores": []}
+    for e in entries:
+        review = json.loads((run / f"gen-{e['generation']:04d}" / "review.json").read_text())["evidence"]
+        out["scores"].append({name: d["scores"] for name, d in review["held_out"]["H"].items()})
+    return out
+
+
+def test_generations_under_two_processes_match_one_and_resume_after_a_killed_rank(tmp_path):
+    one = tmp_path / "one"
+    r = _run([sys.executable, *_generations_cli(one)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    fault = f"rank=1,step=3,once={tmp_path / 'fired'}"  # dies in generation 0's meta-training, after step 3
+    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})
+    assert r.returncode != 0 and (tmp_path / "fired").exists()
+    assert not (two / "lineage" / "entries").exists()  # nothing half-written reached the lineage
+    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})  # the very same command
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "gen 0 candidate: meta-training by adam for 4 outer steps (from step 2)" in r.stdout
+    assert "| 1 | adopted (incumbent) | gen-0 |" in (two / "report.md").read_text()
+
+    a, b = _generations_summary(one), _generations_summary(two)
+    assert a["entries"] == b["entries"] == [("generation", 0, "adopted", "adam", None, "adopt", 4),
+                                            ("generation", 1, "adopted", "gen-0", 0, "adopt", 2)]
+    for wa, wb in zip(a["weights"], b["weights"]):
+        _close(wa, wb)
+    assert {"candidate", "incumbent", "control"} <= set(b["scores"][1])  # gen 1 had an incumbent and a control
+    for sa, sb in zip(a["scores"], b["scores"]):  # the governor saw the same held-out evidence
+        assert sa.keys() == sb.keys()
+        for name in sa:
+            assert sb[name] == pytest.approx(sa[name], rel=1e-4, abs=1e-5)
+    log = (two / "gen-0000" / "candidate" / "metrics.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in log.splitlines()]
+    assert steps == [1, 2, 3, 4]  # rank 0 alone logged; the resumed run dropped the dead attempt's step 3

@@ -72,6 +72,7 @@ from kernels.lo_step_triton import (
     KPAD,
     PRECISIONS,
     Blocks,
+    _chunk_sums,
     _coefficients,
     _f32,
     _features,
@@ -296,18 +297,10 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
 def _dscale_kernel(meta_tab, part_ptr, scale_ptr, kc_ptr, RB: tl.constexpr):
     """B2, per tensor: kc = -0.5 * scale^3 * (sum of its chunks' sum(dxn * x)) / n."""
     t = tl.program_id(0)
-    mt = meta_tab + t * 12
-    n = tl.load(mt + 0)
-    c_lo = tl.load(mt + 9).to(tl.int32)
-    c_hi = tl.load(mt + 10).to(tl.int32)
+    acc, n = _chunk_sums(meta_tab, part_ptr, t, RB)
     cols = tl.arange(0, 32)
-    acc = tl.zeros([32], dtype=tl.float32)
-    for c in range(c_lo, c_hi, RB):
-        rows = c + tl.arange(0, RB)
-        x = tl.load(part_ptr + rows[:, None] * 32 + cols[None, :], mask=(rows < c_hi)[:, None], other=0.0)
-        acc += tl.sum(x, axis=0)
     s = tl.load(scale_ptr + t * 32 + cols)
-    tl.store(kc_ptr + t * 32 + cols, (-0.5 * acc * (s * s * s)) / n.to(tl.float32))
+    tl.store(kc_ptr + t * 32 + cols, (-0.5 * acc * (s * s * s)) / n)
 
 
 @triton.jit

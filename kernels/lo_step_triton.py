@@ -123,6 +123,19 @@ def _ld(ptrs, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _adafactor_slot(r_ptr, c_ptr, f_ptr, i_row, i_col, mask, MASKED: tl.constexpr, fac, ad, oad, g2):
+    """One Adafactor decay's (row, col, preconditioner) per element: factored tensors gather the
+    row/col accumulators (already updated by K2) and the row factor from scratch; rank < 2 tensors
+    update their full second moment here (col = row)."""
+    rl = _ld(r_ptr + i_row, mask, MASKED)
+    cl = _ld(c_ptr + i_col, mask, MASKED)
+    r = tl.where(fac, rl, ad * rl + oad * g2)
+    c = tl.where(fac, cl, r)
+    q = tl.where(fac, _ld(f_ptr + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)), tl.rsqrt(r + 1e-9))
+    return r, c, q
+
+
+@triton.jit
 def _features(i, mask, MASKED: tl.constexpr,
               g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
               r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
@@ -146,16 +159,10 @@ def _features(i, mask, MASKED: tl.constexpr,
         m2 = md2 * _ld(m_ptr2 + i, mask, MASKED) + omd2 * g
     v = rd * _ld(v_ptr + i, mask, MASKED) + ord_ * g * g
     rv = tl.rsqrt(v + 1e-6)
-    # factored tensors: row/col accumulators (already updated by K2) gathered by row/col index and
-    # the row factor from scratch; rank < 2: the full second moment, updated here (col = row)
+    # Adafactor slots: row/col element indices of factored tensors (flat index -> row, col)
     i_row = (i // sbn) * sb + i % sb
     i_col = (i // san) * sa + i % sa
-    rl = _ld(r_ptr0 + i_row, mask, MASKED)
-    cl = _ld(c_ptr0 + i_col, mask, MASKED)
-    r0 = tl.where(fac, rl, ad0 * rl + oad0 * g2)
-    c0 = tl.where(fac, cl, r0)
-    q0 = tl.where(fac, _ld(f_ptr0 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
-                  tl.rsqrt(r0 + 1e-9))
+    r0, c0, q0 = _adafactor_slot(r_ptr0, c_ptr0, f_ptr0, i_row, i_col, mask, MASKED, fac, ad0, oad0, g2)
     r1 = zero
     c1 = zero
     q1 = zero
@@ -163,19 +170,9 @@ def _features(i, mask, MASKED: tl.constexpr,
     c2 = zero
     q2 = zero
     if NA > 1:
-        rl = _ld(r_ptr1 + i_row, mask, MASKED)
-        cl = _ld(c_ptr1 + i_col, mask, MASKED)
-        r1 = tl.where(fac, rl, ad1 * rl + oad1 * g2)
-        c1 = tl.where(fac, cl, r1)
-        q1 = tl.where(fac, _ld(f_ptr1 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
-                      tl.rsqrt(r1 + 1e-9))
+        r1, c1, q1 = _adafactor_slot(r_ptr1, c_ptr1, f_ptr1, i_row, i_col, mask, MASKED, fac, ad1, oad1, g2)
     if NA > 2:
-        rl = _ld(r_ptr2 + i_row, mask, MASKED)
-        cl = _ld(c_ptr2 + i_col, mask, MASKED)
-        r2 = tl.where(fac, rl, ad2 * rl + oad2 * g2)
-        c2 = tl.where(fac, cl, r2)
-        q2 = tl.where(fac, _ld(f_ptr2 + i_row, mask, MASKED) * tl.rsqrt(tl.maximum(cl, 1e-9)),
-                      tl.rsqrt(r2 + 1e-9))
+        r2, c2, q2 = _adafactor_slot(r_ptr2, c_ptr2, f_ptr2, i_row, i_col, mask, MASKED, fac, ad2, oad2, g2)
     x = _cat32(g, p, m0, m1, m2, v, m0 * rv, m1 * rv, m2 * rv, rv,
                g * q0, g * q1, g * q2, r0, r1, r2, c0, c1, c2,
                tl.rsqrt(r0 + 1e-8), tl.rsqrt(r1 + 1e-8), tl.rsqrt(r2 + 1e-8),
@@ -278,9 +275,9 @@ def _stats_kernel(chunk_tab, ptr_tab, meta_tab, part_ptr, grad_clip,
 
 
 @triton.jit
-def _scale_kernel(meta_tab, part_ptr, scale_ptr, RB: tl.constexpr):
-    """Per tensor: sum its chunks' partial sums of squares; scale = rsqrt(1e-5 + sum / n)."""
-    t = tl.program_id(0)
+def _chunk_sums(meta_tab, part_ptr, t, RB: tl.constexpr):
+    """Tensor ``t``'s [32] per-feature partials summed over its chunks (deterministic order), and its
+    element count as fp32."""
     mt = meta_tab + t * 12
     n = tl.load(mt + 0)
     c_lo = tl.load(mt + 9).to(tl.int32)
@@ -291,7 +288,15 @@ def _scale_kernel(meta_tab, part_ptr, scale_ptr, RB: tl.constexpr):
         rows = c + tl.arange(0, RB)
         x = tl.load(part_ptr + rows[:, None] * 32 + cols[None, :], mask=(rows < c_hi)[:, None], other=0.0)
         acc += tl.sum(x, axis=0)
-    tl.store(scale_ptr + t * 32 + cols, tl.rsqrt(1e-5 + acc / n.to(tl.float32)))
+    return acc, n.to(tl.float32)
+
+
+@triton.jit
+def _scale_kernel(meta_tab, part_ptr, scale_ptr, RB: tl.constexpr):
+    """Per tensor: sum its chunks' partial sums of squares; scale = rsqrt(1e-5 + sum / n)."""
+    t = tl.program_id(0)
+    acc, n = _chunk_sums(meta_tab, part_ptr, t, RB)
+    tl.store(scale_ptr + t * 32 + tl.arange(0, 32), tl.rsqrt(1e-5 + acc / n))
 
 
 @triton.jit

@@ -27,7 +27,9 @@ reported as GB/s of the bytes the step must move (read g, p, momenta, rms; write
 44 B/element for fp32; AdamW: 28 B/element) and as a fraction of the measured device-to-device copy
 bandwidth; ``kernel_bytes`` is what the two-pass Triton design actually moves. Speed-ups compare every
 Triton method with every non-Triton one of the same row (and population one launch vs the loop).
-Results go to ``<out>/lo_step_<device>.json`` and a roofline plot ``<out>/lo_step_roofline_<device>.png``.
+Results go to ``<out>/lo_step_<device>.json``, a roofline plot ``<out>/lo_step_roofline_<device>.png``
+and ``<out>/lo_step_<device>.md``: the kernels issue's targets, each *met* / *not met* / *unmeasured*
+with the numbers behind it (:func:`targets`; the default ``tf32`` precision decides), then every row.
 
     python -m kernels.bench_lo_step --sizes 1e6,1e7,1e8,1e9 --repeats 50
     python train.py bench-kernels --modes backward,population       # the same script
@@ -73,7 +75,7 @@ def parse_args(argv: list[str] | None = None, prog: str = "python -m kernels.ben
                f"is printed and nothing is measured); 2 on bad arguments.")
     ap.add_argument("--modes", default=",".join(MODES), type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                     help=f"which groups to run, a subset of {','.join(MODES)}")
-    ap.add_argument("--sizes", default="1e6,1e7,1e8,1e9",
+    ap.add_argument("--sizes", default="1e6,1e7,3e7,1e8,1e9",
                     type=lambda s: [_count(x) for x in s.split(",") if x.strip()],
                     help="parameter counts (comma separated, 1e6 notation); sizes that do not fit are skipped")
     ap.add_argument("--methods", default=",".join(METHODS), type=lambda s: [x.strip() for x in s.split(",")],
@@ -422,6 +424,113 @@ def bench_population(n_member: int, args, cfg: LOConfig, device, copy_bw: float)
     return row  # the caller frees the memory (_free) once these locals are gone
 
 
+# ---- the issue's targets -------------------------------------------------------------------------------
+TARGET_MIN_PARAMS = 16_000_000  # forward targets and the population's bandwidth target hold from here up
+SMALL_MEMBER = 20_000  # "a small task (about 10K parameters each)"
+DEFAULT_PRECISION = "tf32"  # what dispatch uses (LearnedOptimizer.bind): its numbers decide the targets
+
+
+def _timed(methods: dict, name: str | None) -> bool:
+    return name is not None and "median_s" in methods.get(name, {})
+
+
+def _triton(methods: dict, prefix: str) -> str | None:
+    """The Triton method that decides: the default precision's, else the fastest one measured."""
+    if _timed(methods, prefix + DEFAULT_PRECISION):
+        return prefix + DEFAULT_PRECISION
+    timed = [k for k in methods if k.startswith(prefix) and _timed(methods, k)]
+    return min(timed, key=lambda k: methods[k]["median_s"]) if timed else None
+
+
+def targets(result: dict) -> list[dict]:
+    """Each target of the kernels issue with what the benchmark measured for it: ``status`` is ``met``
+    (at every size measured), ``not met`` (at one or more) or ``unmeasured``; ``measured`` lists
+    ``(where, value, passed)``."""
+    rows: list[dict] = []
+
+    def add(goal: str, measured: list[tuple[str, str, bool]]) -> None:
+        status = "unmeasured" if not measured else "met" if all(ok for *_, ok in measured) else "not met"
+        rows.append({"target": goal, "status": status, "measured": measured})
+
+    big = [r for r in result.get("sizes", []) if r.get("params", 0) >= TARGET_MIN_PARAMS]
+    bw, eager, comp, adamw = [], [], [], []
+    fwd_fraction = {}
+    for r in big:
+        m, where = r.get("methods", {}), f"{r['params'] / 1e6:.0f}M"
+        t = _triton(m, "triton_")
+        if t is None:
+            continue
+        tm = m[t]
+        fwd_fraction[r["params"]] = tm["fraction_of_copy_bw"]
+        bw.append((f"{where} {t}", f"{tm['fraction_of_copy_bw']:.1%}", tm["fraction_of_copy_bw"] >= 0.70))
+        for out, base, goal in ((eager, "reference", 20.0), (comp, "reference_compiled", 2.0)):
+            if _timed(m, base):
+                x = m[base]["median_s"] / tm["median_s"]
+                out.append((f"{where} {t}", f"{x:.1f}x", x >= goal))
+        if _timed(m, "adamw_fused"):
+            x = tm["median_s"] / m["adamw_fused"]["median_s"]
+            adamw.append((f"{where} {t}", f"{x:.2f}x AdamW's time", x <= 3.0))
+    add(">= 16M parameters: forward step >= 70% of the measured copy bandwidth", bw)
+    add(">= 16M parameters: forward step >= 20x faster than the eager reference", eager)
+    add(">= 16M parameters: forward step >= 2x faster than the compiled reference", comp)
+    add(">= 16M parameters: forward step <= 3x the time of AdamW(fused=True)", adamw)
+
+    back = []
+    for r in result.get("backward", []):
+        m = r.get("methods", {})
+        t = _triton(m, "triton_autograd_")
+        if t is not None and _timed(m, "reference_autograd"):
+            x = m["reference_autograd"]["median_s"] / m[t]["median_s"]
+            back.append((f"{r['params'] / 1e6:.3g}M {t}", f"{x:.1f}x", x >= 5.0))
+    add("meta-training inner step (forward + backward) >= 5x the reference autograd path's throughput", back)
+
+    loop, pbw = [], []
+    for r in result.get("population", []):
+        m = r.get("methods", {})
+        t = _triton(m, "triton_population_")
+        if t is None:
+            continue
+        where = f"{r['members']} x {r['params_per_member'] / 1e3:.3g}K"
+        single = t.replace("triton_population_", "triton_loop_")
+        if r["params_per_member"] <= SMALL_MEMBER and _timed(m, single):
+            x = m[single]["median_s"] / m[t]["median_s"]
+            loop.append((where, f"{x:.1f}x", x >= 10.0))
+        if r["params"] >= TARGET_MIN_PARAMS and fwd_fraction:
+            near = min(fwd_fraction, key=lambda n: abs(math.log(n / r["params"])))
+            got, ref = m[t]["fraction_of_copy_bw"], fwd_fraction[near]
+            pbw.append((f"{where} ({r['params'] / 1e6:.0f}M)",
+                        f"{got:.1%} vs forward {ref:.1%} at {near / 1e6:.0f}M", got >= ref - 0.05))
+    add("population, P = 32 small members: one launch >= 10x faster than a loop of 32 single steps", loop)
+    add("population >= 16M parameters in total: the forward kernel's bandwidth fraction (within 5 points)", pbw)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    """The tables a reader wants: targets first, then every row of every mode."""
+    dev = f"{result.get('device', '?')} (torch {result.get('torch')}, triton {result.get('triton')}, " \
+          f"copy {result.get('copy_bandwidth_GB_per_s', 0):.0f} GB/s, {result.get('dtype', 'fp32')})"
+    out = [f"# Learned-optimizer step kernels on {dev}", "", "## Targets", "",
+           "| target | status | measured |", "|---|---|---|"]
+    for t in targets(result):
+        meas = "; ".join(f"{w}: {v}{'' if ok else ' (miss)'}" for w, v, ok in t["measured"]) or "-"
+        out.append(f"| {t['target']} | **{t['status']}** | {meas} |")
+    for key, title in (("sizes", "Forward step"), ("backward", "Meta-training inner step (forward + backward)"),
+                       ("population", f"Population ({result.get('args', {}).get('population', '?')} members)")):
+        if not result.get(key):
+            continue
+        out += ["", f"## {title}", "", "| parameters | method | median ms | steps/s | GB/s | of copy bw | TFLOP/s |",
+                "|---|---|---|---|---|---|---|"]
+        for r in result[key]:
+            for name, m in r.get("methods", {}).items():
+                if "median_s" not in m:
+                    out.append(f"| {r.get('params', 0):,} | {name} | {m.get('skipped') or m.get('error', '')[:80]} "
+                               f"| | | | |")
+                    continue
+                out.append(f"| {r.get('params', 0):,} | {name} | {m['median_s'] * 1e3:.3f} | {m['steps_per_s']:.1f} "
+                           f"| {m['GB_per_s']:.0f} | {m['fraction_of_copy_bw']:.1%} | {m['TFLOP_per_s']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
 # ---- plot ----------------------------------------------------------------------------------------------
 def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops: float | None = None) -> None:
     """Achieved MLP TFLOP/s against FLOP per byte the step must move, under the measured copy bandwidth
@@ -523,7 +632,10 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench_
             json_path.write_text(json.dumps(result, indent=2))
     png = out / f"lo_step_roofline_{tag}.png"
     roofline_png(result, png, args.peak_tflops, args.peak_fp32_tflops)
-    print(f"wrote {json_path} and {png}")
+    md = out / f"lo_step_{tag}.md"
+    md.write_text(markdown(result))
+    print(md.read_text())
+    print(f"wrote {json_path}, {md} and {png}")
     return 0
 
 

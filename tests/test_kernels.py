@@ -295,6 +295,49 @@ def test_bench_roofline_plot(tmp_path):
     assert (tmp_path / "roof.png").stat().st_size > 1000
 
 
+def _timing(ms: float, frac: float = 0.5) -> dict:
+    return {"median_s": ms * 1e-3, "steps_per_s": 1e3 / ms, "GB_per_s": 1.0, "fraction_of_copy_bw": frac,
+            "TFLOP_per_s": 0.1}
+
+
+def test_bench_targets_table():
+    """Each target's status follows from the timings, and a target with no measurement says so."""
+    from kernels import bench_lo_step as b
+
+    fwd = {"params": 31_000_000, "methods": {
+        "reference": _timing(100.0), "reference_compiled": _timing(9.0), "triton_ieee": _timing(2.0, 0.9),
+        "triton_tf32": _timing(4.0, 0.72), "adamw_fused": _timing(1.0)}}
+    small = {"params": 1_000_000, "methods": {"reference": _timing(1.0), "triton_tf32": _timing(1.0, 0.01)}}
+    result = {"device": "test", "sizes": [small, fwd],
+              "backward": [{"params": 100_000, "methods": {"reference_autograd": _timing(6.0),
+                                                           "triton_autograd_tf32": _timing(1.0)}},
+                           {"params": 1_000_000, "methods": {"reference_autograd": _timing(4.0),
+                                                             "triton_autograd_tf32": _timing(1.0)}}],
+              "population": [{"members": 32, "params_per_member": 10_000, "params": 320_000, "methods": {
+                  "triton_population_tf32": _timing(1.0), "triton_loop_tf32": _timing(12.0)}},
+                  {"members": 32, "params_per_member": 500_000, "params": 16_000_000, "methods": {
+                      "triton_population_tf32": _timing(5.0, 0.68), "triton_loop_tf32": _timing(6.0)}}]}
+    got = {t["target"].split(": ", 1)[-1]: t for t in b.targets(result)}
+    status = {k: t["status"] for k, t in got.items()}
+    # tf32 (the default) decides, not the faster ieee row; the 1M row is below the forward targets' size
+    assert status["forward step >= 70% of the measured copy bandwidth"] == "met"
+    assert got["forward step >= 70% of the measured copy bandwidth"]["measured"] == [("31M triton_tf32", "72.0%", True)]
+    assert status["forward step >= 20x faster than the eager reference"] == "met"  # 25x
+    assert status["forward step >= 2x faster than the compiled reference"] == "met"  # 2.25x
+    assert status["forward step <= 3x the time of AdamW(fused=True)"] == "not met"  # 4x
+    assert [t["status"] for t in b.targets(result) if "inner step" in t["target"]] == ["not met"]  # 6x, 4x
+    loop, pbw = [t for t in b.targets(result) if t["target"].startswith("population")]
+    assert loop["status"] == "met" and len(loop["measured"]) == 1  # only the small members count
+    assert pbw["status"] == "met"  # 68% vs the forward kernel's 72% at 31M: within 5 points
+    result["population"][1]["methods"]["triton_population_tf32"]["fraction_of_copy_bw"] = 0.5
+    assert [t["status"] for t in b.targets(result)][-1] == "not met"
+    empty = b.targets({"sizes": [small]})
+    assert {t["status"] for t in empty} == {"unmeasured"} and len(empty) == 7
+    md = b.markdown(result)
+    assert "| >= 16M parameters: forward step <= 3x the time of AdamW(fused=True) | **not met** |" in md
+    assert "| 31,000,000 | triton_tf32 | 4.000 |" in md
+
+
 @needs_triton
 def test_kernels_compile_for_sm90():
     """The real compiler (no GPU needed) accepts every kernel variant the interpreter runs."""

@@ -611,29 +611,31 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench_
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "".join(c if c.isalnum() else "_" for c in name).strip("_").lower()
-    json_path = out / f"lo_step_{tag}.json"
-    for n in args.sizes if "forward" in args.modes else []:
-        print(f"size {n:.3g}", flush=True)
-        result["sizes"].append(bench_size(n, args, cfg, device, copy_bw, lt))
-        json_path.write_text(json.dumps(result, indent=2))  # partial results survive a crash
-    if lt is not None and "backward" in args.modes:
-        result["backward"] = []
-        for n in args.backward_sizes:
-            print(f"backward (inner step: forward + backward), size {n:.3g}", flush=True)
-            result["backward"].append(bench_backward(n, args, cfg, device, copy_bw))
+    json_path, md = out / f"lo_step_{tag}.json", out / f"lo_step_{tag}.md"
+
+    def save() -> None:  # after every row: a run stopped at a time limit keeps what it measured
+        json_path.write_text(json.dumps(result, indent=2))
+        md.write_text(markdown(result))
+
+    groups = (("forward", "sizes", args.sizes, "size {n:.3g}",
+               lambda n: bench_size(n, args, cfg, device, copy_bw, lt)),
+              ("backward", "backward", args.backward_sizes, "backward (inner step: forward + backward), size {n:.3g}",
+               lambda n: bench_backward(n, args, cfg, device, copy_bw)),
+              ("population", "population", args.population_sizes,
+               f"population: {args.population} members of {{n:.3g}} parameters",
+               lambda n: bench_population(n, args, cfg, device, copy_bw)))
+    for mode, key, sizes, title, bench in groups:
+        if mode not in args.modes or (lt is None and mode != "forward"):
+            continue
+        result[key] = []
+        for n in sizes:
+            print(title.format(n=n), flush=True)
+            result[key].append(bench(n))
             _free(device)
-            json_path.write_text(json.dumps(result, indent=2))
-    if lt is not None and "population" in args.modes:
-        result["population"] = []
-        for n in args.population_sizes:
-            print(f"population: {args.population} members of {n:.3g} parameters", flush=True)
-            result["population"].append(bench_population(n, args, cfg, device, copy_bw))
-            _free(device)
-            json_path.write_text(json.dumps(result, indent=2))
+            save()
+    save()
     png = out / f"lo_step_roofline_{tag}.png"
     roofline_png(result, png, args.peak_tflops, args.peak_fp32_tflops)
-    md = out / f"lo_step_{tag}.md"
-    md.write_text(markdown(result))
     print(md.read_text())
     print(f"wrote {json_path}, {md} and {png}")
     return 0

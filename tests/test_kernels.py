@@ -19,6 +19,7 @@ import sys
 os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module is imported
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -297,7 +298,7 @@ def test_bench_roofline_plot(tmp_path):
 
 def _timing(ms: float, frac: float = 0.5) -> dict:
     return {"median_s": ms * 1e-3, "steps_per_s": 1e3 / ms, "GB_per_s": 1.0, "fraction_of_copy_bw": frac,
-            "TFLOP_per_s": 0.1}
+            "TFLOP_per_s": 0.1, "bytes": 4.4e9}
 
 
 def test_bench_targets_table():
@@ -336,6 +337,41 @@ def test_bench_targets_table():
     md = b.markdown(result)
     assert "| >= 16M parameters: forward step <= 3x the time of AdamW(fused=True) | **not met** |" in md
     assert "| 31,000,000 | triton_tf32 | 4.000 |" in md
+
+
+def test_bench_main_writes_json_table_and_plot_after_every_row(monkeypatch, tmp_path):
+    """``main``'s bookkeeping on a pretend device (the timed functions are stubbed): every mode's rows
+    land in the JSON and the Markdown table as they finish, so a run cut off by a time limit keeps them."""
+    pytest.importorskip("matplotlib")
+    from kernels import bench_lo_step as b
+
+    monkeypatch.setattr(b.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(b.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(b.torch.cuda, "get_device_name", lambda device=None: "Pretend GPU 80GB")
+    monkeypatch.setattr(b, "copy_bandwidth", lambda device: 3e12)
+    monkeypatch.setattr(b, "_free", lambda device: None)
+    monkeypatch.setattr(b, "bench_size", lambda n, *a: {"params": n, "methods": {
+        "reference": _timing(30.0), "triton_tf32": _timing(2.0, 0.8), "adamw_fused": _timing(1.0)}})  # 15x
+    monkeypatch.setattr(b, "bench_backward", lambda n, *a: {"params": n, "methods": {
+        "reference_autograd": _timing(10.0), "triton_autograd_tf32": _timing(1.0)}})
+    seen = []
+
+    def population(n, *a):
+        saved = json.loads((tmp_path / "lo_step_pretend_gpu_80gb.json").read_text())
+        seen.append(len(saved["backward"]))  # the backward rows were saved before this one started
+        return {"members": 32, "params_per_member": n, "params": 32 * n, "methods": {
+            "triton_population_tf32": _timing(1.0, 0.8), "triton_loop_tf32": _timing(20.0)}}
+
+    monkeypatch.setattr(b, "bench_population", population)
+    assert b.main(["--sizes", "2e7", "--backward-sizes", "1e5,1e6", "--no-check", "--out", str(tmp_path)]) == 0
+    assert seen == [2, 2]
+    result = json.loads((tmp_path / "lo_step_pretend_gpu_80gb.json").read_text())
+    assert [r["params"] for r in result["sizes"]] == [20_000_000] and len(result["population"]) == 2
+    md = (tmp_path / "lo_step_pretend_gpu_80gb.md").read_text()
+    assert "| >= 16M parameters: forward step >= 20x faster than the eager reference | **not met** |" in md
+    assert "| meta-training inner step (forward + backward) >= 5x the reference autograd path's throughput | " \
+           "**met** |" in md
+    assert (tmp_path / "lo_step_roofline_pretend_gpu_80gb.png").stat().st_size > 1000
 
 
 @needs_triton

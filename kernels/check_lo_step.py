@@ -80,13 +80,17 @@ def run_case(cfg: LOConfig, precision: str, pdtype: torch.dtype, noncontig: bool
 BWD_TOL = {"ieee": 1e-4, "tf32": 5e-2}  # max |err| relative to the gradient tensor's largest entry
 
 
-def run_backward_case(cfg: LOConfig, precision: str, seed: int = 0, device: str = "cuda") -> dict:
+BWD_SHAPES = {k: SHAPES[k] for k in ("scalar", "bias", "odd", "w", "w3", "conv")}
+POP_SHAPES = {k: SHAPES[k] for k in ("bias", "w", "conv")}
+
+
+def run_backward_case(cfg: LOConfig, precision: str, seed: int = 0, device: str = "cuda", *,
+                      shapes: dict = BWD_SHAPES, blocks=None) -> dict:
     """Triton backward vs the reference backward: gradients of a random linear function of all outputs."""
     from kernels.lo_step_autograd import lo_step_autograd
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    shapes = {"scalar": (), "bias": (7,), "odd": (1001,), "w": (257, 129), "w3": (6, 2, 50), "conv": (64, 32, 3, 3)}
     lo = LearnedOptimizer(cfg)
     theta = {k: v.to(dev) for k, v in lo.init_theta(seed + 1).items()}
     params = {k: torch.randn(s, generator=gen, device=dev) * 0.05 for k, s in shapes.items()}
@@ -106,7 +110,7 @@ def run_backward_case(cfg: LOConfig, precision: str, seed: int = 0, device: str 
         pick = lambda where, leaves=leaves: {k: v for (w_, k), v in leaves.items() if w_ == where}  # noqa: E731
         st = {"step": state["step"], **{key: pick(key) for key in ("m", "v", "row", "col")}}
         new_p, new_s = lo_step_autograd(pick("params"), pick("grads"), st, pick("theta"), cfg, forward="triton",
-                                        backward=bwd, precision=precision)
+                                        backward=bwd, precision=precision, blocks=blocks)
         outs = list(new_p.values()) + [t for key in ("m", "v", "row", "col") for t in new_s[key].values()]
         if w is None:
             w = [torch.randn(t.shape, generator=gen, device=dev) for t in outs]
@@ -121,14 +125,15 @@ def run_backward_case(cfg: LOConfig, precision: str, seed: int = 0, device: str 
     return {"ok": worst <= BWD_TOL[precision], "max_grad_err_rel": worst, "worst": where}
 
 
-def run_population_case(cfg: LOConfig, precision: str, pop: int = 4, device: str = "cuda") -> dict:
+def run_population_case(cfg: LOConfig, precision: str, pop: int = 4, device: str = "cuda", *,
+                        shapes: dict = POP_SHAPES, blocks=None) -> dict:
+    """P weight sets in one population step vs the per-member reference."""
     from kernels.lo_step_population import population_lo_step, population_lo_step_reference
 
     dev = torch.device(device)
     gen = torch.Generator(device=dev).manual_seed(0)
     lo = LearnedOptimizer(cfg)
     thetas = [{k: v.to(dev) for k, v in lo.init_theta(j).items()} for j in range(pop)]
-    shapes = {"bias": (7,), "w": (257, 129), "conv": (64, 32, 3, 3)}
     stack = lambda ds: {k: torch.stack([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
     params = {k: torch.randn((pop, *s), generator=gen, device=dev) * 0.05 for k, s in shapes.items()}
     grads = {k: torch.randn(p.shape, generator=gen, device=dev) for k, p in params.items()}
@@ -136,15 +141,15 @@ def run_population_case(cfg: LOConfig, precision: str, pop: int = 4, device: str
     state["step"] = torch.arange(pop, device=dev, dtype=torch.float32)
     th = stack(thetas)
     ref_p, _ = population_lo_step_reference(params, grads, state, th, cfg)
-    got_p, _ = population_lo_step(params, grads, state, th, cfg, precision=precision)
+    got_p, _ = population_lo_step(params, grads, state, th, cfg, precision=precision, blocks=blocks)
     worst = max(((got_p[k] - ref_p[k]).abs().max() / (ref_p[k] - params[k]).abs().max()).item() for k in params)
     return {"ok": worst <= TOL[precision], "max_update_err_rel_to_step": worst}
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("check_lo_step: no CUDA device; nothing checked", file=sys.stderr)
-        return 2
+def run_all(device: str = "cuda", *, shapes: dict = SHAPES, blocks=None, lt=None, out=print) -> int:
+    """Every case (forward, backward, population; both precisions); ``out`` gets one JSON line per case.
+    Returns the number of failed cases. ``shapes`` / ``blocks`` / ``lt`` let the CPU tests run the same
+    cases through the interpreter on small tensors with small tiles."""
     cases = []
     for cname, cfg in (("default", LOConfig()), ("learned", LOConfig(nominal="none", output_init_scale=1.0))):
         for prec in ("ieee", "tf32"):
@@ -155,19 +160,27 @@ def main() -> int:
     for prec in ("ieee", "tf32"):
         for name, fn in (("backward", run_backward_case), ("population", run_population_case)):
             try:
-                res = fn(LOConfig(nominal="adam", output_init_scale=1.0), prec)
+                res = fn(LOConfig(nominal="adam", output_init_scale=1.0), prec, device=device, blocks=blocks,
+                         shapes={k: shapes[k] for k in (BWD_SHAPES if name == "backward" else POP_SHAPES)})
             except Exception as e:  # report every case
                 res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
             failed += not res["ok"]
-            print(json.dumps({"case": name, "precision": prec, **res}), flush=True)
+            out(json.dumps({"case": name, "precision": prec, **res}))
     for name, cfg, prec, dt, nc in cases:
         try:
-            res = run_case(cfg, prec, dt, nc)
+            res = run_case(cfg, prec, dt, nc, device=device, shapes=shapes, lt=lt, blocks=blocks)
         except Exception as e:  # report every case
             res = {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
         failed += not res["ok"]
-        print(json.dumps({"case": name, "precision": prec, "dtype": str(dt), **res}), flush=True)
-    return 1 if failed else 0
+        out(json.dumps({"case": name, "precision": prec, "dtype": str(dt), **res}))
+    return failed
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("check_lo_step: no CUDA device; nothing checked", file=sys.stderr)
+        return 2
+    return 1 if run_all("cuda", out=lambda line: print(line, flush=True)) else 0
 
 
 if __name__ == "__main__":

@@ -364,3 +364,25 @@ def test_bench_backward_and_population_code_paths(monkeypatch, tmp_path):
         res = {"device": "cpu", "copy_bandwidth_GB_per_s": 1.0, "sizes": [], "backward": [rb], "population": [rp]}
         b.roofline_png(res, tmp_path / "roof.png", 495.0, 67.0)
         assert (tmp_path / "roof.png").stat().st_size > 1000
+
+
+@needs_triton
+def test_gpu_check_script_passes_every_case_through_the_interpreter():
+    """``python -m kernels.check_lo_step`` is what a GPU session runs first; its every case (forward in
+    both precisions, non-contiguous, bf16; backward; population) runs here on small tensors with the
+    default tiles the GPU uses, so a mistake in the script itself is not first found on a GPU. ``tf32``
+    is exact in the interpreter, so this checks the script, not tf32's tolerance."""
+    import json
+
+    from kernels import check_lo_step as chk
+    from test_kernels import lt
+
+    small = {"scalar": (), "bias": (7,), "odd": (37,), "w": (9, 13), "tall": (30, 5), "row1": (1, 7),
+             "w3": (3, 2, 5), "conv": (4, 3, 3, 3), "big": (16, 24), "vec": (101,)}
+    assert set(small) == set(chk.SHAPES)
+    lines: list[str] = []
+    failed = chk.run_all("cpu", shapes=small, lt=lt, out=lines.append)
+    records = [json.loads(line) for line in lines]
+    assert [r["case"] for r in records[:4]] == ["backward", "population"] * 2
+    assert len(records) == 4 + 6 and failed == 0, records
+    assert all(r["ok"] and "error" not in r for r in records), records

@@ -149,7 +149,7 @@ def run_population_case(cfg: LOConfig, precision: str, pop: int = 4, device: str
 def run_all(device: str = "cuda", *, shapes: dict = SHAPES, blocks=None, lt=None, out=print) -> int:
     """Every case (forward, backward, population; both precisions); ``out`` gets one JSON line per case.
     Returns the number of failed cases. ``shapes`` / ``blocks`` / ``lt`` let the CPU tests run the same
-    cases through the interpreter on small tensors with small tiles."""
+    cases through the interpreter on small tensors."""
     cases = []
     for cname, cfg in (("default", LOConfig()), ("learned", LOConfig(nominal="none", output_init_scale=1.0))):
         for prec in ("ieee", "tf32"):

@@ -90,17 +90,20 @@ else:
     if type(tl.standard.sum).__name__ != "InterpretedFunction":
         _SKIP = ("triton was imported in compiled mode before this module (TRITON_INTERPRET unset); "
                  "run `TRITON_INTERPRET=1 pytest tests/test_kernels.py`")
-    elif (_SKIP := _interpreter_defect(triton, tl)) is None or (
-            _backport_scalar_index() and (_SKIP := _interpreter_defect(triton, tl)) is None):
-        _NAME = "kernels._lo_step_triton_interpreted"
-        try:
-            _spec = importlib.util.spec_from_file_location(_NAME, ROOT / "kernels" / "lo_step_triton.py")
-            lt = importlib.util.module_from_spec(_spec)
-            sys.modules[_NAME] = lt  # dataclasses look their module up there
-            _spec.loader.exec_module(lt)
-        except Exception as e:  # a broken kernel module is a failure, not a skip (see the fixture)
-            lt, _LOAD_ERROR = None, e
-            sys.modules.pop(_NAME, None)
+    else:
+        _SKIP = _interpreter_defect(triton, tl)
+        if _SKIP is not None and _backport_scalar_index():
+            _SKIP = _interpreter_defect(triton, tl)
+if _SKIP is None:
+    _NAME = "kernels._lo_step_triton_interpreted"
+    try:
+        _spec = importlib.util.spec_from_file_location(_NAME, ROOT / "kernels" / "lo_step_triton.py")
+        lt = importlib.util.module_from_spec(_spec)
+        sys.modules[_NAME] = lt  # dataclasses look their module up there
+        _spec.loader.exec_module(lt)
+    except Exception as e:  # a broken kernel module is a failure, not a skip (see the fixture)
+        lt, _LOAD_ERROR = None, e
+        sys.modules.pop(_NAME, None)
 
 import kernels  # noqa: E402
 from kernels.lo_step_reference import bytes_per_element, lo_step_reference  # noqa: E402

@@ -440,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from meta.distributed import env_world_size
+
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if env_world_size() > 1:
         # Under torchrun, skip the interpreter's finalisation once everything is written, the process
         # group destroyed and the streams flushed: with gloo (torch 2.13, CPU) it occasionally aborted
         # there after a clean run ("terminate called without an active exception", no Python frame;

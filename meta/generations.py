@@ -185,15 +185,16 @@ class GenerationRunner:
         self.log(f"lineage: {len(st.records)} generation(s), incumbent {who}; report {paths['md']}")
         return {"state": st, "report": paths}
 
-    def incumbent(self) -> tuple[int | None, Candidate | None]:
+    def incumbent(self) -> tuple[int | None, Candidate | None, Path | None]:
+        """The adopted generation, as a candidate, and where its weights are (all None before one is)."""
         st = self.state()
         if st.incumbent is None:
-            return None, None
+            return None, None, None
         path = self.lineage.root / st.records[st.incumbent]["weights"]
         tensors, meta = D.load_checkpoint(path)  # rank 0 reads (hash-checked) and broadcasts
         lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
         return st.incumbent, Candidate(f"gen-{st.incumbent}", lopt, theta, horizon=self.cfg.meta.horizon,
-                                       outer_scale=outer_scale(self.cfg, lopt.config))
+                                       outer_scale=outer_scale(self.cfg, lopt.config)), path
 
     def _arm_config(self, g: int, arm: str, lo: LOConfig, trained_by: str) -> RunConfig:
         meta = self.cfg.meta
@@ -234,7 +235,7 @@ class GenerationRunner:
     def run_generation(self, g: int) -> bool:
         """Make generation ``g`` (resuming whatever part was done); False if stopped part-way."""
         t0 = time.time()
-        inc_gen, incumbent = self.incumbent()
+        inc_gen, incumbent, inc_path = self.incumbent()
         lo = lo_config_for(self.cfg, g)
         lopt = LearnedOptimizer(lo)
         if self.cfg.gen.start == "incumbent" and incumbent is not None and incumbent.lopt.config == lo:
@@ -242,7 +243,7 @@ class GenerationRunner:
         else:
             start, parent = lopt.init_theta(seeded("theta", self.cfg.meta.seed + g)), None
         trained_by = "adam" if incumbent is None else incumbent.name
-        outer_path = "adam" if incumbent is None else str(self.lineage.root / f"weights/gen-{inc_gen:04d}")
+        outer_path = "adam" if incumbent is None else str(inc_path)
         outer = Adam(lr=self.cfg.meta.outer_lr) if incumbent is None else \
             scale_updates(incumbent.bind(), incumbent.outer_scale)
 

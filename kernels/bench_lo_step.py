@@ -135,13 +135,16 @@ def transformer_shapes(n_target: int) -> list[tuple[int, ...]]:
     return [s for _ in range(n_blocks) for s in block]
 
 
+BENCH_HORIZON = 1000  # T for configs with fraction-of-training time features (the default)
+
+
 def make_problem(shapes, dtype, device, cfg: LOConfig, seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     params = {f"t{i}": (torch.randn(s, generator=gen, device=device) * 0.02).to(dtype) for i, s in enumerate(shapes)}
     grads = {k: (torch.randn(p.shape, generator=gen, device=device) * 1e-2).to(dtype) for k, p in params.items()}
     lo = LearnedOptimizer(cfg)
     theta = {k: v.to(device) for k, v in lo.init_theta(seed).items()}
-    state = lo.bind(theta).init(params)
+    state = lo.bind(theta).init(params, total_steps=BENCH_HORIZON if cfg.needs_total_steps else None)
     return params, grads, state, theta
 
 
@@ -401,10 +404,12 @@ def bench_population(n_member: int, args, cfg: LOConfig, device, copy_bw: float)
     thetas = stack([p[3] for p in probs])
     state = {"step": torch.zeros(pop, device=device), **{key: stack([p[2][key] for p in probs])
                                                           for key in ("m", "v", "row", "col")}}
+    if "horizon" in probs[0][2]:  # members of different run lengths
+        state["horizon"] = torch.tensor([float(BENCH_HORIZON * (1 + j % 3)) for j in range(pop)], device=device)
     del probs
     members = [({k: v[j] for k, v in params.items()}, {k: v[j] for k, v in grads.items()},
-                {"step": state["step"][j], **{key: {k: v[j] for k, v in state[key].items()}
-                                              for key in ("m", "v", "row", "col")}},
+                {"step": state["step"][j], **({"horizon": state["horizon"][j]} if "horizon" in state else {}),
+                 **{key: {k: v[j] for k, v in state[key].items()} for key in ("m", "v", "row", "col")}},
                 {k: v[j] for k, v in thetas.items()}) for j in range(pop)]
     moved = bytes_per_element(cfg)["minimum"] * n
     flops = LearnedOptimizer(cfg).flops_per_element() * n

@@ -31,6 +31,7 @@ POINTERS = {
     "part_ptr": "*fp32", "scale_ptr": "*fp32", "sc_ptr": "*fp32", "w0_ptr": "*fp32", "b0_ptr": "*fp32",
     "wm_ptr": "*fp32", "bm_ptr": "*fp32", "wo_ptr": "*fp32", "bo_ptr": "*fp32", "rf_ptr": "*fp32",
     "gptr_tab": "*i64", "tpart_ptr": "*fp32", "spart_ptr": "*fp32", "kc_ptr": "*fp32",
+    "ss_ptr": "*fp32", "rn_ptr": "*fp32", "dpart_ptr": "*fp32",
 }
 
 
@@ -40,20 +41,29 @@ def variants(lt, lb=None, full: bool = False):
     kernels (the member index is data), so it adds no variant."""
     b = lt.DEFAULT_BLOCKS
     elem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, ALIGNED=True, BLOCK=b.block, CHUNK=b.chunk)
-    mlp = dict(H=32, NUM_MID=1, NOMINAL=True, RELOAD=b.reload_vectors)
+    # the default LOConfig: design "controller", step_scale "rms" (time features are host constants)
+    mlp = dict(H=32, NUM_MID=1, NOMINAL=True, RELOAD=b.reload_vectors, DESIGN=1, SCALED=True, MODE=0)
+    legacy = dict(DESIGN=0, SCALED=False, MODE=0)
     odd = dict(NM=2, NA=1, P_KIND=1, G_KIND=1, ALIGNED=False, BLOCK=32, CHUNK=64)
     out = []
     for prec in lt.PRECISIONS:
         out.append((f"main[{prec}]", lt._main_kernel, {**elem, **mlp, "PREC": prec}, b.num_warps))
     out += [
-        ("main[bf16,NM2,NA1,3 layers,h16]", lt._main_kernel,
-         {**odd, "H": 16, "NUM_MID": 2, "NOMINAL": False, "RELOAD": True, "PREC": "tf32"}, 4),
+        ("main[normalized,d^2 pass]", lt._main_kernel, {**elem, **mlp, "DESIGN": 2, "MODE": 1, "PREC": "tf32"},
+         b.num_warps),
+        ("main[normalized]", lt._main_kernel, {**elem, **mlp, "DESIGN": 2, "PREC": "tf32"}, b.num_warps),
+        ("main[bf16,NM2,NA1,3 layers,h16,no nominal]", lt._main_kernel,
+         {**odd, "H": 16, "NUM_MID": 2, "NOMINAL": False, "RELOAD": True, "PREC": "tf32", **legacy,
+          "SCALED": True}, 4),
         ("main[fp16,1 layer,h64,no reload]", lt._main_kernel,
          {**elem, "P_KIND": 2, "G_KIND": 2, "H": 64, "NUM_MID": 0, "NOMINAL": True, "RELOAD": False,
-          "PREC": "tf32"}, 4),
+          "PREC": "tf32", **legacy}, 4),
         ("stats", lt._stats_kernel, elem, b.num_warps),
         ("stats[bf16,NM2,NA1]", lt._stats_kernel, odd, 4),
-        ("scale", lt._scale_kernel, dict(RB=b.scale_rows), b.num_warps),
+        ("scale[rms]", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=1), b.num_warps),
+        ("scale[width]", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=2), b.num_warps),
+        ("scale", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=0), b.num_warps),
+        ("dnorm", lt._dnorm_kernel, dict(RB=b.scale_rows), b.num_warps),
         ("fac_partial", lt._fac_partial_kernel,
          dict(G_KIND=0, BL=b.red_lines, BLEN=b.red_len, SEG=b.red_seg), b.num_warps),
         ("fac_partial[bf16]", lt._fac_partial_kernel, dict(G_KIND=1, BL=8, BLEN=16, SEG=64), 4),
@@ -61,23 +71,28 @@ def variants(lt, lb=None, full: bool = False):
          b.num_warps),
     ]
     if lb is not None:
+        from optimizers.learned import LOConfig
+
+        def tp(h, layers):
+            return lb.theta_partial_size(LOConfig(hidden_width=h, hidden_layers=layers))
+
         belem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, BLOCK=b.block, CHUNK=b.chunk)
         bodd = dict(NM=2, NA=1, P_KIND=1, G_KIND=1, BLOCK=32, CHUNK=64)
         for prec in ("ieee", "tf32") if full else ("tf32",):  # same code paths; ieee only with --full
-            bm = dict(H=32, NUM_MID=1, NOMINAL=True, PREC=prec)
-            out.append((f"bwd_theta[{prec}]", lb._bwd_theta_kernel, {**belem, **bm, "TP": 32 * 33 + 32 * 33 + 67},
-                        b.num_warps))
+            bm = dict(H=32, NUM_MID=1, NOMINAL=True, PREC=prec, DESIGN=1, SCALED=True)  # the default config
+            out.append((f"bwd_theta[{prec}]", lb._bwd_theta_kernel, {**belem, **bm, "TP": tp(32, 2)}, b.num_warps))
             out.append((f"bwd_elem[{prec}]", lb._bwd_elem_kernel, {**belem, **bm}, b.num_warps))
-        odd_mlp = dict(H=16, NUM_MID=2, NOMINAL=False, PREC="tf32")
+        odd_mlp = dict(H=16, NUM_MID=2, NOMINAL=False, PREC="tf32", DESIGN=0, SCALED=False)
         out += [
             ("bwd_theta[bf16,NM2,NA1,3 layers,h16]", lb._bwd_theta_kernel,
-             {**bodd, **odd_mlp, "TP": 16 * 33 + 2 * (16 * 17) + 35}, 4),
+             {**bodd, **odd_mlp, "TP": tp(16, 3)}, 4),
             ("bwd_elem[bf16,NM2,NA1,3 layers,h16]", lb._bwd_elem_kernel, {**bodd, **odd_mlp}, 4),
             ("dscale", lb._dscale_kernel, dict(RB=b.scale_rows), b.num_warps),
         ]
         if full:
             out.append(("bwd_elem[1 layer,h64]", lb._bwd_elem_kernel,
-                        {**belem, "H": 64, "NUM_MID": 0, "NOMINAL": True, "PREC": "tf32"}, 4))
+                        {**belem, "H": 64, "NUM_MID": 0, "NOMINAL": True, "PREC": "tf32", "DESIGN": 0,
+                         "SCALED": True}, 4))
     return out
 
 

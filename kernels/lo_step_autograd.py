@@ -2,7 +2,8 @@
 
 :func:`lo_step_autograd` has the interface and results of ``BoundLearnedOptimizer.update`` /
 :func:`kernels.lo_step_reference.lo_step_reference`, and gradients w.r.t. theta (MLP weights and biases,
-``nominal_log_lr``, ``nominal_time_w``) and the incoming parameters, gradients and accumulators.
+``nominal_log_lr``, ``nominal_time_w``, ``vector_log_lr``, ``mix``) and the incoming parameters, gradients
+and accumulators.
 
 Forward: the Triton step (:func:`kernels.lo_step_triton.lo_step`, ``forward="triton"``) or the PyTorch
 reference (``forward="reference"``). Saved: the inputs and, for factored (rank >= 2) tensors, the new
@@ -18,8 +19,10 @@ Backward, two implementations of the same gradients:
   against.
 
 ``backward="auto"`` (default) picks the Triton backward when the forward is Triton and the backward
-kernels support the configuration (:func:`kernels.lo_step_backward.unsupported_backward`), else the
-reference. Marked ``once_differentiable`` (no double backward). The step counter gets no gradient.
+kernels support the configuration (:func:`kernels.lo_step_backward.unsupported_backward`; they refuse
+``design="normalized"``), else the reference. ``state["horizon"]`` (``time_features="fraction"``) is
+passed through and gets no gradient. Marked ``once_differentiable`` (no double backward). The step
+counter gets no gradient.
 """
 
 from __future__ import annotations
@@ -47,11 +50,13 @@ class _Layout:
         return ([params[k] for k in self.pkeys] + [grads[k] for k in self.pkeys]
                 + [state[key][k] for key, k in self.skeys] + [theta[k] for k in self.tkeys])
 
-    def unflatten(self, flat, step: Tensor):
+    def unflatten(self, flat, step: Tensor, horizon: Tensor | None = None):
         n = len(self.pkeys)
         params = dict(zip(self.pkeys, flat[:n]))
         grads = dict(zip(self.pkeys, flat[n:2 * n]))
         state: dict = {"step": step, **{key: {} for key in STATE_KEYS}}
+        if horizon is not None:  # the run length T (time_features="fraction"); no gradient
+            state["horizon"] = horizon
         for (key, k), t in zip(self.skeys, flat[2 * n:2 * n + len(self.skeys)]):
             state[key][k] = t
         theta = dict(zip(self.tkeys, flat[2 * n + len(self.skeys):]))
@@ -61,11 +66,12 @@ class _Layout:
         return tuple([new_params[k] for k in self.pkeys] + [new_state[key][k] for key, k in self.skeys])
 
 
-def _reference_backward(layout: _Layout, cfg: LOConfig, step: Tensor, inputs, grad_outputs):
+def _reference_backward(layout: _Layout, cfg: LOConfig, step: Tensor, horizon: Tensor | None, inputs,
+                        grad_outputs):
     """The reference backward: recompute the reference step with autograd and differentiate it."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-        params, grads, state, theta = layout.unflatten(leaves, step)
+        params, grads, state, theta = layout.unflatten(leaves, step, horizon)
         new_params, new_state = lo_step_reference(params, grads, state, theta, cfg)
         outs = layout.outputs(new_params, new_state)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
@@ -80,9 +86,9 @@ class LOStepFunction(torch.autograd.Function):
     """Positional form; use :func:`lo_step_autograd`."""
 
     @staticmethod
-    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, use_triton: bool, precision: str, opts: dict,
-                *flat):
-        params, grads, state, theta = layout.unflatten([t.detach() for t in flat], step)
+    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, horizon: Tensor | None, use_triton: bool,
+                precision: str, opts: dict, *flat):
+        params, grads, state, theta = layout.unflatten([t.detach() for t in flat], step, horizon)
         if use_triton:
             from kernels.lo_step_triton import lo_step
 
@@ -95,8 +101,9 @@ class LOStepFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        layout, cfg, step, _, precision, opts, *flat = inputs
+        layout, cfg, step, horizon, _, precision, opts, *flat = inputs
         ctx.layout, ctx.cfg, ctx.step, ctx.precision, ctx.opts = layout, cfg, step, precision, opts
+        ctx.horizon = horizon
         # factored tensors' new row / col accumulators (outputs; the Triton backward needs them)
         n = len(layout.pkeys)
         ctx.fac_keys = [(key, k, n + j) for j, (key, k) in enumerate(layout.skeys)
@@ -111,9 +118,9 @@ class LOStepFunction(torch.autograd.Function):
         if ctx.opts["backward"] == "triton":
             grads = _triton_backward(ctx, saved[:n_in], saved[n_in:], grad_outputs)
         else:
-            grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, saved[:n_in], grad_outputs)
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[6:])]
-        return (None, None, None, None, None, None, *grads)
+            grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, ctx.horizon, saved[:n_in], grad_outputs)
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[7:])]
+        return (None, None, None, None, None, None, None, *grads)
 
 
 def _triton_backward(ctx, inputs, fac_outputs, grad_outputs):
@@ -121,7 +128,7 @@ def _triton_backward(ctx, inputs, fac_outputs, grad_outputs):
     from kernels.lo_step_backward import lo_step_backward
 
     layout: _Layout = ctx.layout
-    params, grads, state, theta = layout.unflatten(list(inputs), ctx.step)
+    params, grads, state, theta = layout.unflatten(list(inputs), ctx.step, ctx.horizon)
     new_rowcol: dict = {"row": {}, "col": {}}
     for (key, k, _), t in zip(ctx.fac_keys, fac_outputs):
         new_rowcol[key][k] = t
@@ -164,12 +171,15 @@ def lo_step_autograd(params: dict[str, Tensor], grads: dict[str, Tensor], state:
                 backward = "triton"
     layout = _Layout(params, state, theta)
     step = state["step"].detach()
+    horizon = state["horizon"].detach() if "horizon" in state else None
     opts = {"backward": backward, "blocks": blocks}
-    outs = LOStepFunction.apply(layout, cfg, step, forward == "triton", precision, opts,
+    outs = LOStepFunction.apply(layout, cfg, step, horizon, forward == "triton", precision, opts,
                                 *layout.flatten(params, grads, state, theta))
     n = len(layout.pkeys)
     new_params = dict(zip(layout.pkeys, outs[:n]))
     new_state: dict = {"step": state["step"] + 1, **{key: {} for key in STATE_KEYS}}
+    if "horizon" in state:
+        new_state["horizon"] = state["horizon"]
     for (key, k), t in zip(layout.skeys, outs[n:]):
         new_state[key][k] = t
     return new_params, new_state

@@ -2,7 +2,7 @@
 
 :func:`lo_step_backward` returns the gradients of one step ``(params, grads, state, theta) ->
 (new_params, new_state)`` (:func:`kernels.lo_step_reference.lo_step_reference`) with respect to theta
-(every MLP weight and bias, ``nominal_log_lr``, ``nominal_time_w``) and to the incoming parameters,
+(every MLP weight and bias, ``nominal_log_lr``, ``nominal_time_w``, ``vector_log_lr``) and to the incoming parameters,
 gradients and accumulators, given the gradients of the outputs. :class:`kernels.lo_step_autograd.LOStepFunction`
 calls it (``backward="triton"``); the PyTorch reference backward stays beside it as the reference.
 
@@ -26,8 +26,10 @@ B3 ``_bwd_elem_kernel``   per element block: features and the MLP forward + back
 PyTorch does what is left, all of it small or a plain reduction:
 
 * theta: the sum of the per-program partials, the bit-reversed feature rows of ``w0`` mapped back, and
-  the time-feature rows of ``w0``, ``b0``, ``nominal_log_lr`` and ``nominal_time_w`` through
-  :func:`kernels.lo_step_reference.step_constants` with autograd (a handful of scalars).
+  the time-feature rows of ``w0``, ``b0``, ``nominal_log_lr``, ``nominal_time_w`` and ``vector_log_lr``
+  (the rank < 2 tensors' step scale; its partial is ``sum(dL/d delta * delta_unscaled)`` over them)
+  through :func:`kernels.lo_step_reference.step_constants` with autograd (a handful of scalars). The rank
+  >= 2 tensors' step scale (``rms`` of ``p``, or ``width``) passes no gradient, as in ``optimizers.learned``.
 * factored tensors: the scratch summed over the broadcast dims (``sum(dim)``, deterministic), then the
   Adafactor row / column update and row factor differentiated by autograd on the reference's own
   :func:`~kernels.lo_step_reference.factored_update` (O(rows + cols) outputs; it re-reads ``g`` once for
@@ -48,9 +50,14 @@ be tuned on a GPU (no GPU timing of these kernels exists).
 Semantics: the gradients of the reference's autograd graph (``tests/test_kernels_backward.py`` compares
 them on odd shapes, 0-d to 4-d, non-contiguous inputs and empty lists), including the sanitised-gradient
 mask (NaN / inf / |g| > grad_clip get a zero gradient, times NaN as in autograd), the clamp on the update and on the nominal log lr,
-and ReLU's zero gradient at 0. Limits beyond the forward's: ``hidden_layers <= 3`` (the activations of
-at most three hidden layers are kept in registers; :func:`unsupported_backward`), single weight set (no
-population axis). Not differentiable itself (``once_differentiable``).
+and ReLU's zero gradient at 0, and the nominal term's ``safe_sqrt(v / bc2)`` (derivative 0 at ``v = 0``,
+so a parameter that never had a gradient gives finite gradients). Designs: "additive" and "controller"
+(``lr * exp(bound * tanh(d)) * adam``), every time-feature and step-scale option. Limits beyond the
+forward's: ``hidden_layers <= 3`` (the activations of at most three hidden layers are kept in registers),
+``design="normalized"`` (the per-tensor rms of ``d`` couples every element of a tensor: its backward
+would need two more MLP passes, for ``sum(d^2)`` and ``sum(dL/dd * d)``; :func:`unsupported_backward`
+refuses it and :func:`kernels.lo_step_autograd.lo_step_autograd` runs the reference backward instead),
+single weight set (no population axis). Not differentiable itself (``once_differentiable``).
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ from kernels.lo_step_reference import (
 from kernels.lo_step_triton import (
     _KIND,
     DEFAULT_BLOCKS,
+    DESIGN_CODE,
+    SCALE_CODE,
     KPAD,
     PRECISIONS,
     Blocks,
@@ -78,10 +87,13 @@ from kernels.lo_step_triton import (
     _features,
     _get_plan,
     _pack_theta,
+    _scale_args,
     _scale_kernel,
     _stats_kernel,
+    _tanh,
     _tensor_ptrs,
     slot_column,
+    step_constant_table,
     unsupported,
 )
 from optimizers.learned import LOConfig, factored_dims
@@ -129,13 +141,15 @@ def _split32(x, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _mlp_bwd(x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr,
-             exp_mult, step_mult, max_update,
-             NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr):
+def _mlp_bwd(x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr, ss, is_vec,
+             exp_mult, step_mult, max_update, cbound,
+             NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr, DESIGN: tl.constexpr,
+             SCALED: tl.constexpr):
     """MLP forward (recomputed) and backward for one element block, from ``dp_out``.
 
-    Returns dxs (the gradient of the normalised features, [BLOCK, 32]), the update's gradient
-    ``gdel`` (before ``* lr`` for the nominal term) and every theta contribution of the block."""
+    Returns dxs (the gradient of the normalised features, [BLOCK, 32]), ``gadam`` (the gradient of the
+    nominal Adam direction), every theta contribution of the block, ``c_lr`` (of the nominal lr) and
+    ``c_ss`` (of the tensor's step scale, for rank < 2 tensors: ``is_vec``; exp(vector_log_lr))."""
     xs = x * scale[None, :]
     z0 = tl.dot(xs, w0, input_precision=PREC) + b0[None, :]
     a0 = tl.maximum(z0, 0.0)
@@ -151,23 +165,44 @@ def _mlp_bwd(x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, 
         z2 = tl.dot(a1, w2, input_precision=PREC) + b2[None, :]
         a_last = tl.maximum(z2, 0.0)
     d = tl.sum(a_last * wd[None, :], axis=1) + bd
-    mag = tl.sum(a_last * wm[None, :], axis=1) + bm
-    e = tl.exp(exp_mult * mag)
-    delta = d * e * step_mult
     adam = tl.zeros_like(d)
     if NOMINAL:
         adam = (m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8)
-        delta = delta + lr * adam
+    if DESIGN == 0:  # additive: d * exp(exp_mult * mag) * step_mult [+ lr * adam]
+        mag = tl.sum(a_last * wm[None, :], axis=1) + bm
+        e = tl.exp(exp_mult * mag)
+        delta0 = d * e * step_mult
+        if NOMINAL:
+            delta0 = delta0 + lr * adam
+    else:  # controller: lr * exp(cbound * tanh(d)) * adam
+        th = _tanh(d)
+        e = tl.exp(cbound * th)
+        delta0 = lr * e * adam
+    delta = delta0
+    if SCALED:
+        delta = delta0 * ss
     # clamp(delta, -max, max): gradient where -max <= delta <= max; p_new = p - delta
     gdel = tl.where((delta >= -max_update) & (delta <= max_update), -dpo, 0.0)
-    gde = gdel * step_mult
-    gd = gde * e
-    gmag = gde * d * e * exp_mult
+    gdel0 = gdel  # the gradient of the unscaled update
+    c_ss = 0.0
+    if SCALED:
+        gdel0 = gdel * ss
+        c_ss = tl.sum(gdel * delta0, axis=0) * is_vec
+    if DESIGN == 0:
+        gde = gdel0 * step_mult
+        gd = gde * e
+        gmag = gde * d * e * exp_mult
+        gadam = gdel0 * lr
+        c_lr = tl.sum(gdel0 * adam, axis=0)
+    else:
+        gadam = gdel0 * (lr * e)
+        gd = gdel0 * adam * lr * e * cbound * (1.0 - th * th)
+        gmag = tl.zeros_like(gd)
+        c_lr = tl.sum(gdel0 * e * adam, axis=0)
     c_wd = tl.sum(a_last * gd[:, None], axis=0)
     c_wm = tl.sum(a_last * gmag[:, None], axis=0)
     c_bd = tl.sum(gd, axis=0)
     c_bm = tl.sum(gmag, axis=0)
-    c_lr = tl.sum(gdel * adam, axis=0)
     da = gd[:, None] * wd[None, :] + gmag[:, None] * wm[None, :]
     c_w2 = 0.0
     c_b2 = 0.0
@@ -187,7 +222,7 @@ def _mlp_bwd(x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, 
     c_w0 = tl.dot(tl.trans(xs), dz0, input_precision=PREC)
     c_b0 = tl.sum(dz0, axis=0)
     dxs = tl.dot(dz0, tl.trans(w0), input_precision=PREC)
-    return dxs, gdel, c_w0, c_b0, c_w1, c_b1, c_w2, c_b2, c_wd, c_wm, c_bd, c_bm, c_lr
+    return dxs, gadam, c_w0, c_b0, c_w1, c_b1, c_w2, c_b2, c_wd, c_wm, c_bd, c_bm, c_lr, c_ss
 
 
 @triton.jit
@@ -211,12 +246,13 @@ def _load_weights(w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr, H: tl.constexp
 
 
 @triton.jit
-def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr, wm_ptr,
-                      bm_ptr, wo_ptr, bo_ptr, tpart_ptr, spart_ptr, grad_clip, exp_mult, step_mult,
-                      max_update, md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
-                      H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
+def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr, ss_ptr, w0_ptr, b0_ptr,
+                      wm_ptr, bm_ptr, wo_ptr, bo_ptr, tpart_ptr, spart_ptr, grad_clip, exp_mult, step_mult,
+                      max_update, cbound, md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2,
+                      oad2, H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
                       NM: tl.constexpr, NA: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
-                      BLOCK: tl.constexpr, CHUNK: tl.constexpr, TP: tl.constexpr):
+                      BLOCK: tl.constexpr, CHUNK: tl.constexpr, TP: tl.constexpr, DESIGN: tl.constexpr,
+                      SCALED: tl.constexpr):
     """B1: per program (one chunk of one tensor) the partial theta gradients and sum(dxn * x)."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tab + 2 * pid)
@@ -232,6 +268,10 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
     bc1 = tl.load(sc_ptr)
     bc2 = tl.load(sc_ptr + 1)
     lr = tl.load(sc_ptr + 2)
+    ss = 1.0
+    if SCALED:
+        ss = tl.load(ss_ptr + t)
+    is_vec = (is_fac == 0).to(tl.float32)
     acc_w0 = tl.zeros([32, H], dtype=tl.float32)
     acc_b0 = tl.zeros([H], dtype=tl.float32)
     acc_w1 = tl.zeros([H, H], dtype=tl.float32)
@@ -244,6 +284,7 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
     acc_bd = tl.sum(acc_wd, axis=0)
     acc_bm = acc_bd
     acc_lr = acc_bd
+    acc_ss = acc_bd
     end = tl.minimum(start + CHUNK, n.to(tl.int32))
     offs = tl.arange(0, BLOCK)
     for b in range(start, end, BLOCK):
@@ -255,9 +296,9 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
             f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
             md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2, NM, NA, BLOCK)
         dpo = tl.load(dpo_ptr + i, mask=mask, other=0.0)
-        dxs, _gdel, c_w0, c_b0, c_w1, c_b1, c_w2, c_b2, c_wd, c_wm, c_bd, c_bm, c_lr = _mlp_bwd(
-            x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr,
-            exp_mult, step_mult, max_update, NUM_MID, NOMINAL, PREC)
+        dxs, _gadam, c_w0, c_b0, c_w1, c_b1, c_w2, c_b2, c_wd, c_wm, c_bd, c_bm, c_lr, c_ss = _mlp_bwd(
+            x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr, ss, is_vec,
+            exp_mult, step_mult, max_update, cbound, NUM_MID, NOMINAL, PREC, DESIGN, SCALED)
         acc_w0 += c_w0
         acc_b0 += c_b0
         if NUM_MID >= 1:
@@ -271,6 +312,8 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
         acc_bd += c_bd
         acc_bm += c_bm
         acc_lr += c_lr
+        if SCALED:
+            acc_ss += c_ss
         acc_s += tl.sum(tl.where(mask[:, None], dxs * x, 0.0), axis=0)
     out = tpart_ptr + pid.to(tl.int64) * TP
     tl.store(out + kk[:, None] * H + hh[None, :], acc_w0)
@@ -290,6 +333,7 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
     tl.store(out + 2 * H, acc_bd)
     tl.store(out + 2 * H + 1, acc_bm)
     tl.store(out + 2 * H + 2, acc_lr)
+    tl.store(out + 2 * H + 3, acc_ss)
     tl.store(spart_ptr + pid * 32 + kk, acc_s)
 
 
@@ -336,12 +380,12 @@ def _decay_bwd(i, i_row, i_col, mask, fac, g, mk, r, dfg, drow, dcol, drrow, drc
 
 
 @triton.jit
-def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, sc_ptr, w0_ptr, b0_ptr,
-                     wm_ptr, bm_ptr, wo_ptr, bo_ptr, grad_clip, exp_mult, step_mult, max_update,
+def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, sc_ptr, ss_ptr, w0_ptr,
+                     b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr, grad_clip, exp_mult, step_mult, max_update, cbound,
                      md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
                      H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
                      NM: tl.constexpr, NA: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
-                     BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, DESIGN: tl.constexpr, SCALED: tl.constexpr):
     """B3: per element the gradients of p, g, momenta, rms, second moments (scratch for factored)."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tab + 2 * pid)
@@ -367,6 +411,9 @@ def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, 
     bc1 = tl.load(sc_ptr)
     bc2 = tl.load(sc_ptr + 1)
     lr = tl.load(sc_ptr + 2)
+    ss = 1.0
+    if SCALED:
+        ss = tl.load(ss_ptr + t)
     end = tl.minimum(start + CHUNK, n.to(tl.int32))
     offs = tl.arange(0, BLOCK)
     for b in range(start, end, BLOCK):
@@ -379,9 +426,9 @@ def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, 
             md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2, NM, NA, BLOCK)
         dpo = tl.load(dpo_ptr + i, mask=mask, other=0.0)
         # (the theta contributions are not needed here; the compiler drops them)
-        dxs, gdel, _w0, _b0, _w1, _b1, _w2, _b2, _wd, _wm, _bd, _bm, _lr = _mlp_bwd(
-            x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr,
-            exp_mult, step_mult, max_update, NUM_MID, NOMINAL, PREC)
+        dxs, gadam, _w0, _b0, _w1, _b1, _w2, _b2, _wd, _wm, _bd, _bm, _lr, _ss = _mlp_bwd(
+            x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, bc2, lr, ss, 0.0,
+            exp_mult, step_mult, max_update, cbound, NUM_MID, NOMINAL, PREC, DESIGN, SCALED)
         dx = dxs * scale[None, :] + 2.0 * x * kc[None, :]
         (x_g, x_p, x_m0, x_m1, x_m2, x_v, x_ad0, x_ad1, x_ad2, x_rv, x_fg0, x_fg1, x_fg2,
          x_r0, x_r1, x_r2, x_c0, x_c1, x_c2, x_rr0, x_rr1, x_rr2, x_rc0, x_rc1, x_rc2,
@@ -422,12 +469,13 @@ def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, 
             drv += x_ad2 * m2
         gv = x_v + drv * (-0.5 * (rv * rv * rv)) + tl.load(dvo_ptr + i, mask=mask, other=0.0)
         gm0 = x_m0 + x_ad0 * rv + gm0q + tl.load(dmo_ptr + i, mask=mask, other=0.0)
-        if NOMINAL:  # adam = (m0 / bc1) / (sqrt(v / bc2) + 1e-8), times lr
-            dadam = gdel * lr
-            s = tl.sqrt(v / bc2)
+        if NOMINAL:  # adam = (m0 / bc1) / (safe_sqrt(v / bc2) + 1e-8): derivative 0 at v = 0
+            vb = v / bc2
+            pos = vb > 0
+            s = tl.sqrt(vb)
             den = s + 1e-8
-            gm0 += (dadam / den) / bc1
-            gv += ((-dadam * (m0 / bc1) / (den * den)) / (2.0 * s)) / bc2
+            gm0 += (gadam / den) / bc1
+            gv += tl.where(pos, ((-gadam * (m0 / bc1) / (den * den)) / (2.0 * tl.where(pos, s, 1.0))) / bc2, 0.0)
         tl.store(dmi_ptr + i, md0 * gm0, mask=mask)
         gsum += omd0 * gm0
         if NM > 1:
@@ -452,12 +500,14 @@ def unsupported_backward(cfg: LOConfig, params: dict[str, Tensor], grads=None, s
         return reason
     if cfg.hidden_layers > MAX_HIDDEN_LAYERS:
         return f"hidden_layers > {MAX_HIDDEN_LAYERS} (backward kernel keeps at most 3 activations)"
+    if cfg.design == "normalized":  # d's per-tensor rms couples all elements: two more MLP passes
+        return "design='normalized' (per-tensor rms of the MLP output) has no backward kernel"
     return None
 
 
 def theta_partial_size(cfg: LOConfig) -> int:
     h = cfg.hidden_width
-    return 32 * h + h + (cfg.hidden_layers - 1) * (h * h + h) + 2 * h + 3
+    return 32 * h + h + (cfg.hidden_layers - 1) * (h * h + h) + 2 * h + 4
 
 
 def _f32c(t: Tensor | None, like: Tensor, device) -> Tensor:
@@ -496,8 +546,9 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
     device = next(iter(params.values())).device
     na = len(cfg.adafactor_decays)
     f32 = {"dtype": torch.float32, "device": device}
-    k0 = step_constants(state["step"], theta, cfg, device=device)
-    sc = torch.stack([k0.bc1.float(), k0.bc2.float(), k0.lr.float(), torch.zeros((), device=device)]).contiguous()
+    horizon = state.get("horizon")
+    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=horizon)
+    sc = step_constant_table(k0)
     w0, wm, bm, wo, bo = _pack_theta(theta, cfg, device)
     b0 = k0.b0.float().contiguous()
     coef = _coefficients(cfg)
@@ -561,19 +612,22 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
         _stats_kernel[(plan.n_chunks,)](plan.chunks, ptr_tab, plan.meta, plan.stats, grad_clip, **coef, **ck,
                                         ALIGNED=False, num_warps=nw)
         scale = torch.empty((plan.n_tensors, 32), **f32)
-        _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, scale, RB=blocks.scale_rows, num_warps=nw)
+        sscale = torch.empty((plan.n_tensors,), **f32)
+        scaled = cfg.step_scale != "none"
+        _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, scale, sc, sscale, *_scale_args(cfg),
+                                         RB=blocks.scale_rows, SCALE=SCALE_CODE[cfg.step_scale], num_warps=nw)
         tpart = torch.empty((plan.n_chunks, tp), **f32)
         spart = torch.empty((plan.n_chunks, 32), **f32)
         mlp = {"H": cfg.hidden_width, "NUM_MID": cfg.hidden_layers - 1, "NOMINAL": cfg.nominal == "adam",
-               "PREC": precision}
-        scal = (grad_clip, _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update))
+               "PREC": precision, "DESIGN": DESIGN_CODE[cfg.design], "SCALED": scaled}
+        scal = (grad_clip, _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update), _f32(cfg.controller_bound))
         _bwd_theta_kernel[(plan.n_chunks,)](
-            plan.chunks, ptr_tab, plan.meta, gptr_tab, scale, sc, w0, b0, wm, bm, wo, bo, tpart, spart, *scal,
-            **coef, **mlp, **ck, TP=tp, num_warps=nw)
+            plan.chunks, ptr_tab, plan.meta, gptr_tab, scale, sc, sscale, w0, b0, wm, bm, wo, bo, tpart, spart,
+            *scal, **coef, **mlp, **ck, TP=tp, num_warps=nw)
         kc = torch.empty((plan.n_tensors, 32), **f32)
         _dscale_kernel[(plan.n_tensors,)](plan.meta, spart, scale, kc, RB=blocks.scale_rows, num_warps=nw)
         _bwd_elem_kernel[(plan.n_chunks,)](
-            plan.chunks, ptr_tab, plan.meta, gptr_tab, scale, kc, sc, w0, b0, wm, bm, wo, bo, *scal,
+            plan.chunks, ptr_tab, plan.meta, gptr_tab, scale, kc, sc, sscale, w0, b0, wm, bm, wo, bo, *scal,
             **coef, **mlp, **ck, num_warps=nw)
         theta_parts.append(tpart.sum(dim=0))
 
@@ -607,7 +661,7 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
         for key in ("m", "v", "row", "col"):
             if k in out[key]:
                 out[key][k] = out[key][k].to(state[key][k].dtype)
-    out["theta"] = _theta_grads(theta, cfg, state["step"], theta_parts, device)
+    out["theta"] = _theta_grads(theta, cfg, state["step"], theta_parts, device, horizon)
     del keep_alive
     return out
 
@@ -616,7 +670,8 @@ def _like_or_zero(d: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(like) if d is None else d.to(like.dtype)
 
 
-def _theta_grads(theta: dict[str, Tensor], cfg: LOConfig, step: Tensor, parts: list[Tensor], device) -> dict:
+def _theta_grads(theta: dict[str, Tensor], cfg: LOConfig, step: Tensor, parts: list[Tensor], device,
+                 horizon: Tensor | None = None) -> dict:
     """Unpack the summed per-program partials into theta's layout, plus the step constants' backward."""
     h = cfg.hidden_width
     out = {k: torch.zeros(v.shape, dtype=torch.float32, device=device) for k, v in theta.items()}
@@ -641,18 +696,23 @@ def _theta_grads(theta: dict[str, Tensor], cfg: LOConfig, step: Tensor, parts: l
     out[f"w{last}"] += torch.stack([dwd, dwm], dim=1)
     out[f"b{last}"] += take(2, (2,))
     dlr = take(1, ())
+    dvs = take(1, ())
     slots = feature_slots(cfg)
     cols = torch.tensor([slot_column(s) for s in slots], device=device)
     out["w0"][: len(slots)] += dw0k[cols]
-    # b0 (with the time features folded in) and the nominal lr: autograd through step_constants
+    # b0 (with the time features folded in), the nominal lr and the vectors' step scale
+    # exp(vector_log_lr): autograd through step_constants
     with torch.enable_grad():
-        names = [k for k in ("w0", "b0", "nominal_log_lr", "nominal_time_w") if k in theta]
+        names = [k for k in ("w0", "b0", "nominal_log_lr", "nominal_time_w", "vector_log_lr") if k in theta]
         leaves = {k: theta[k].detach().to(device=device, dtype=torch.float32).requires_grad_() for k in names}
-        k0 = step_constants(step, {**theta, **leaves}, cfg, device=device)
+        k0 = step_constants(step, {**theta, **leaves}, cfg, device=device, horizon=horizon)
         outs, gouts = [k0.b0], [db0k]
         if k0.lr.requires_grad:
             outs.append(k0.lr)
             gouts.append(dlr)
+        if k0.vscale.requires_grad:
+            outs.append(k0.vscale)
+            gouts.append(dvs)
         got = torch.autograd.grad(outs, list(leaves.values()), gouts, allow_unused=True)
     for k, gk in zip(names, got):
         if gk is not None:

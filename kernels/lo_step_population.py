@@ -1,17 +1,20 @@
 """Population learned-optimizer step: P tasks under P different weight sets in one set of launches.
 
 ES / PES evaluate many perturbed weight sets (antithetic pairs ``theta +- sigma * eps``), each on its own
-copy of a task. :func:`population_lo_step` steps all of them with the five launches of the single step
+copy of a task. :func:`population_lo_step` steps all of them with the launches of the single step
 (:mod:`kernels.lo_step_triton`): every member's slice of every tensor is one entry of the multi-tensor
-tables, tagged with its member index (meta column 11), and the main kernel reads that member's MLP
-weights and per-step constants from stacked buffers. The launches do not grow with P; only the host
-tables do (P x tensors rows).
+tables, tagged with its member index (meta column 11), and the kernels read that member's MLP weights and
+per-step constants (its own step and run length T: time features folded into the first bias, nominal lr,
+exp(vector_log_lr), mix) from stacked buffers. The launches do not grow with P; only the host tables do
+(P x tensors rows).
 
 Layout (a leading population axis everywhere):
 
 * ``params[k]``, ``grads[k]``: ``(P, *shape)``; ``state["m"][k]``: ``(P, nm, *shape)``, ``state["v"][k]``:
   ``(P, *shape)``, ``state["row"][k]`` / ``state["col"][k]``: ``(P, na, ...)``, i.e. what
-  ``torch.func.vmap(lopt.bind(theta).init)`` gives; ``state["step"]``: ``()`` (shared) or ``(P,)``.
+  ``torch.func.vmap(lopt.bind(theta).init)`` gives; ``state["step"]``: ``()`` (shared) or ``(P,)``;
+  ``state["horizon"]`` (the run length T of ``time_features="fraction"``): ``()`` (shared) or ``(P,)``,
+  so members may run for different lengths.
 * ``thetas[k]``: ``(P, *theta_shape)``.
 
 :func:`population_lo_step_reference` is the PyTorch reference: the single-member reference
@@ -34,9 +37,13 @@ def _member(d: dict, j: int) -> dict:
     return {k: v[j] for k, v in d.items()}
 
 
-def _steps(state: dict, pop: int) -> Tensor:
-    step = state["step"]
+def _steps(state: dict, pop: int, key: str = "step") -> Tensor:
+    step = state[key]
     return step.expand(pop) if step.dim() == 0 else step
+
+
+def _horizons(state: dict, pop: int) -> Tensor | None:
+    return _steps(state, pop, "horizon") if "horizon" in state else None
 
 
 def population_size(thetas: dict[str, Tensor]) -> int:
@@ -51,26 +58,38 @@ def population_lo_step_reference(params: dict[str, Tensor], grads: dict[str, Ten
     """PyTorch reference of :func:`population_lo_step`: the single reference step per member, stacked."""
     pop = population_size(thetas)
     steps = _steps(state, pop)
+    horizons = _horizons(state, pop)
     outs = []
     for j in range(pop):
         st = {"step": steps[j], **{key: _member(state[key], j) for key in STATE_KEYS}}
+        if horizons is not None:
+            st["horizon"] = horizons[j]
         outs.append(lo_step_reference(_member(params, j), _member(grads, j), st, _member(thetas, j), cfg))
     new_params = {k: torch.stack([o[0][k] for o in outs]) for k in params}
     new_state: dict = {"step": state["step"] + 1}
+    if "horizon" in state:
+        new_state["horizon"] = state["horizon"]
     for key in STATE_KEYS:
         new_state[key] = {k: torch.stack([o[1][key][k] for o in outs]) for k in state[key]}
     return new_params, new_state
 
 
-def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfig, device):
-    """Per member: ``sc = (bc1, bc2, lr, 0)`` ``(P, 4)`` and the folded first bias ``(P, H)`` -- the single
-    step's :func:`step_constants`, vmapped (a few launches whatever P)."""
-    def one(step, theta):
-        k = step_constants(step, theta, cfg, device=device)
-        return torch.stack([k.bc1.float(), k.bc2.float(), k.lr.float(), torch.zeros_like(k.lr.float())]), k.b0
+def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfig, device,
+                          horizons: Tensor | None = None):
+    """Per member: the step constants ``sc`` ``(P, SC_COLS)`` (bc1, bc2, lr, exp(vector_log_lr), mix) and
+    the folded first bias ``(P, H)`` -- the single step's :func:`step_constants` with the member's step,
+    horizon and weights, vmapped (a few launches whatever P)."""
+    from kernels.lo_step_triton import step_constant_table
+
+    def one(step, horizon, theta):
+        k = step_constants(step, theta, cfg, device=device, horizon=horizon)
+        return step_constant_table(k), k.b0
 
     th = {k: v.to(device) for k, v in thetas.items()}
-    sc, b0 = torch.func.vmap(one)(steps.to(device), th)
+    if horizons is None:
+        sc, b0 = torch.func.vmap(lambda s, t: one(s, None, t))(steps.to(device), th)
+    else:
+        sc, b0 = torch.func.vmap(one)(steps.to(device), horizons.to(device), th)
     return sc.float().contiguous(), b0.float().contiguous()
 
 
@@ -150,7 +169,7 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
         new_state: dict = {"step": state["step"] + 1}
         for key in STATE_KEYS:
             new_state[key] = {k: work(t) for k, t in state[key].items()}
-        sc, b0 = _population_constants(_steps(state, pop), thetas, cfg, device)
+        sc, b0 = _population_constants(_steps(state, pop), thetas, cfg, device, _horizons(state, pop))
         packed = _pack_population(thetas, cfg, device)
         nm = len(cfg.momentum_decays)
         items, members = [], []
@@ -178,6 +197,8 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
         if inplace:
             new_params = dict(params)
             new_state = {"step": new_state["step"], **{key: dict(state[key]) for key in STATE_KEYS}}
+        if "horizon" in state:
+            new_state["horizon"] = state["horizon"]
     return new_params, new_state
 
 

@@ -14,10 +14,21 @@ phase 1b (every tensor; ``_stats_kernel`` + ``_scale_kernel``)
     except the statistics.
 phase 2 (every tensor; ``_main_kernel``)
     per element: the same features again (the kernel recomputes them instead of storing 28 floats per
-    element), ``x * scale``, the MLP (the 11 time features are the same for every element, so their
-    contribution ``tanh(t / tau - 1) @ W0[time rows]`` is folded into the first bias), the update
-    ``d * exp(exp_mult * m) * step_mult`` plus the nominal Adam term, the clamp, and the writes of
+    element), ``x * scale``, the MLP (the time features are the same for every element, so their
+    contribution ``time_features(t) @ W0[time rows]`` is folded into the first bias), the step of the
+    config's ``design``, the per-tensor step scale (``step_scale``), the clamp, and the writes of
     ``p``, ``m``, ``v`` (and the rank < 2 full second moments).
+
+Designs (``LOConfig.design``): ``additive`` ``d * exp(exp_mult * m) * step_mult + lr * adam``;
+``controller`` ``lr * exp(controller_bound * tanh(d)) * adam``; ``normalized``
+``lr * (adam + mix * d * rsqrt(mean_tensor(d^2) + 1e-12))``, whose per-tensor mean of ``d^2`` needs one
+more pass (the kernels run the MLP once more before phase 2, ``_main_kernel`` with ``MODE=1``).
+Time features (``time_features``: ``absolute``, ``fraction`` with ``T = state["horizon"]``, ``none``) and
+the nominal learning rate are per-step constants (:func:`step_constants`). Step scale (per tensor, applied
+before the clamp): ``rms``: rank >= 2 tensors ``((sqrt(mean(p^2) + rms_floor^2)) / rms_ref) ** scale_power``
+(the kernels take ``sum(p^2)`` from phase 1b's statistics of the ``param`` channel); ``width``: rank >= 2
+tensors ``min(1, width_ref / max(shape)) ** scale_power``; both: rank < 2 tensors ``exp(vector_log_lr)``.
+The nominal Adam term's ``sqrt(v / bc2)`` has derivative 0 at ``v = 0`` (:func:`optimizers.learned.safe_sqrt`).
 
 The mathematical function equals ``optimizers.learned``; the order of floating-point operations
 differs in places (sum-of-squares divided by ``n`` instead of ``mean``, time features folded into
@@ -36,7 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimizers.learned import LOConfig, element_features, factored_dims
+from optimizers.learned import (
+    LOConfig, element_features, factored_dims, safe_sqrt, tensor_step_scale, time_features,
+)
 
 # ---- canonical feature layout (shared with the Triton kernels) --------------------------------------
 # The kernels always build the same 28 channels for up to 3 momentum / 3 adafactor decays; a config's
@@ -69,8 +82,17 @@ def feature_slots(cfg: LOConfig) -> list[int]:
     return out
 
 
+# the step options the kernels implement (a value optimizers.learned adds later is refused, not misread)
+KERNEL_OPTIONS = {"design": ("additive", "controller", "normalized"),
+                  "time_features": ("absolute", "fraction", "none"),
+                  "step_scale": ("none", "rms", "width")}
+
+
 def unsupported_reason(cfg: LOConfig) -> str | None:
     """Why the fused step cannot run ``cfg`` (None when it can)."""
+    for name, supported in KERNEL_OPTIONS.items():
+        if getattr(cfg, name) not in supported:
+            return f"{name}={getattr(cfg, name)!r} is not implemented in the kernels"
     if len(cfg.momentum_decays) > NM_MAX or len(cfg.adafactor_decays) > NA_MAX:
         return f"more than {NM_MAX} momentum or {NA_MAX} adafactor decays"
     if cfg.hidden_layers < 1:
@@ -89,28 +111,55 @@ class StepConstants:
     bc2: Tensor  # 1 - rms_decay ** step
     lr: Tensor  # exp(clamp(nominal_log_lr [+ w . time features], -20, 2)), 0 without a nominal term
     b0: Tensor  # first-layer bias with the time features folded in, shape (hidden_width,)
+    vscale: Tensor  # step scale of rank < 2 tensors: exp(vector_log_lr) (step_scale "rms" / "width"), else 1
+    mix: Tensor  # weight of the normalised learned direction (design="normalized"), else 0
 
 
 def step_constants(step: Tensor, theta: dict[str, Tensor], cfg: LOConfig, dtype=torch.float32,
-                   device=None) -> StepConstants:
-    """Everything that is the same for all elements of a step (device tensors, no host sync)."""
+                   device=None, horizon: Tensor | None = None) -> StepConstants:
+    """Everything that is the same for all elements of a step (device tensors, no host sync).
+
+    ``step`` is the *old* step counter (``state["step"]``); ``horizon`` the run's length T
+    (``state["horizon"]``), needed by ``time_features="fraction"`` only."""
     device = step.device if device is None else device
     step = (step + 1).to(device)
     c = len(feature_slots(cfg))
     w0 = theta["w0"].to(device=device, dtype=dtype)
-    taus = torch.tensor(cfg.time_taus, dtype=dtype, device=device)
-    tfeat = torch.tanh(step.to(dtype) / taus - 1.0)
+    if horizon is not None:
+        horizon = horizon.to(device)
+    tfeat = time_features(step.to(dtype), horizon, cfg)  # optimizers.learned's own (0 features: empty)
     b0 = theta["b0"].to(device=device, dtype=dtype) + tfeat @ w0[c:]
     bc1 = 1 - cfg.momentum_decays[0] ** step
     bc2 = 1 - cfg.rms_decay ** step
     if cfg.nominal == "adam":
         log_lr = theta["nominal_log_lr"].to(device=device, dtype=dtype)
-        if getattr(cfg, "nominal_schedule", False):  # learned schedule over the time features
+        if "nominal_time_w" in theta:  # learned schedule over the time features
             log_lr = log_lr + (tfeat * theta["nominal_time_w"].to(device=device, dtype=dtype)).sum()
         lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
     else:
         lr = torch.zeros((), dtype=dtype, device=device)
-    return StepConstants(step=step, bc1=bc1.to(dtype), bc2=bc2.to(dtype), lr=lr, b0=b0)
+    if cfg.step_scale != "none":  # as optimizers.learned: exp in theta's dtype, then cast
+        vscale = torch.exp(theta["vector_log_lr"].to(device)).to(dtype)
+    else:
+        vscale = torch.ones((), dtype=dtype, device=device)
+    if cfg.design == "normalized":
+        mix = theta["mix"].to(device=device, dtype=dtype)
+    else:
+        mix = torch.zeros((), dtype=dtype, device=device)
+    return StepConstants(step=step, bc1=bc1.to(dtype), bc2=bc2.to(dtype), lr=lr, b0=b0, vscale=vscale, mix=mix)
+
+
+def adam_direction(m0: Tensor, v: Tensor, bc1: Tensor, bc2: Tensor) -> Tensor:
+    """The nominal Adam direction ``(m / bc1) / (sqrt(v / bc2) + 1e-8)``, with ``safe_sqrt`` (finite
+    derivative at ``v = 0``, as ``optimizers.learned``)."""
+    return (m0 / bc1) / (safe_sqrt(v / bc2) + 1e-8)
+
+
+def step_scale(p: Tensor, k0: StepConstants, cfg: LOConfig, dtype) -> Tensor | None:
+    """The per-tensor step scale (``step_scale`` ``"rms"`` / ``"width"``), None without one."""
+    if cfg.step_scale == "none":
+        return None
+    return tensor_step_scale(p, cfg).to(dtype) if p.dim() >= 2 else k0.vscale.to(dtype)
 
 
 def sanitize_grad(g: Tensor, cfg: LOConfig, dtype: torch.dtype) -> Tensor:
@@ -183,8 +232,10 @@ def lo_step_reference(params: dict[str, Tensor], grads: dict[str, Tensor], state
     # per-tensor state dtypes (>= fp32); the MLP runs in their promotion, as in optimizers.learned
     dtype = functools.reduce(torch.promote_types, (state["v"][k].dtype for k in params))
     device = state["v"][next(iter(params))].device
-    k0 = step_constants(state["step"], theta, cfg, dtype=dtype, device=device)
+    k0 = step_constants(state["step"], theta, cfg, dtype=dtype, device=device, horizon=state.get("horizon"))
     new_state: dict = {"step": state["step"] + 1, "m": {}, "v": {}, "row": {}, "col": {}}
+    if "horizon" in state:
+        new_state["horizon"] = state["horizon"]
     new_params: dict[str, Tensor] = {}
 
     # phase 1: accumulators (factored ones written first) and per-tensor feature statistics
@@ -215,13 +266,25 @@ def lo_step_reference(params: dict[str, Tensor], grads: dict[str, Tensor], state
     x = torch.cat([pc[2] for pc in pieces], dim=0)
     out = mlp(x, theta, cfg, k0.b0)
     d, mag = out[:, 0], out[:, 1]
-    delta = d * torch.exp(cfg.exp_mult * mag) * cfg.step_mult
+    sizes = [pc[1].numel() for pc in pieces]
+    adam = None
     if cfg.nominal == "adam":
-        adam = torch.cat([((m0 / k0.bc1) / (torch.sqrt(v / k0.bc2) + 1e-8)).reshape(-1)
-                          for _, _, _, m0, v in pieces])
-        delta = delta + k0.lr * adam
+        adam = torch.cat([adam_direction(m0, v, k0.bc1, k0.bc2).reshape(-1) for _, _, _, m0, v in pieces])
+    if cfg.design == "additive":
+        delta = d * torch.exp(cfg.exp_mult * mag) * cfg.step_mult
+        if adam is not None:
+            delta = delta + k0.lr * adam
+    elif cfg.design == "controller":
+        delta = k0.lr * torch.exp(cfg.controller_bound * torch.tanh(d)) * adam
+    else:  # normalized: the learned direction rms-normalised per tensor (the kernels' extra MLP pass)
+        dn = torch.cat([piece * torch.rsqrt((piece * piece).sum() / piece.numel() + 1e-12)
+                        for piece in torch.split(d, sizes)])
+        delta = k0.lr * (adam + k0.mix * dn)
+    scales = [step_scale(p, k0, cfg, delta.dtype) for _, p, *_ in pieces]
+    if scales and scales[0] is not None:
+        delta = delta * torch.cat([s.expand(n) for s, n in zip(scales, sizes)])
     delta = torch.clamp(delta, -cfg.max_update, cfg.max_update)
-    for (k, p, *_), piece in zip(pieces, torch.split(delta, [pc[1].numel() for pc in pieces])):
+    for (k, p, *_), piece in zip(pieces, torch.split(delta, sizes)):
         new_params[k] = p - piece.reshape(p.shape).to(p.dtype)
     return {k: new_params[k] for k in params}, new_state
 
@@ -240,7 +303,8 @@ def bytes_per_element(cfg: LOConfig, param_bytes: int = 4, grad_bytes: int = 4) 
 
 
 __all__ = [
-    "lo_step_reference", "step_constants", "StepConstants", "factored_update", "element_accumulators",
+    "lo_step_reference", "step_constants", "StepConstants", "adam_direction", "step_scale", "factored_update",
+    "element_accumulators",
     "element_features", "mlp", "sanitize_grad", "feature_slots", "unsupported_reason", "NUM_SLOTS",
     "bytes_per_element",
 ]

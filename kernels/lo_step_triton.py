@@ -12,12 +12,17 @@ K2 ``_fac_finalize_kernel``  sums the segments, updates the row / column accumul
 K3 ``_stats_kernel``         per element: new momenta / rms / (rank < 2) second moments and the 28
                              canonical features built in registers; per chunk the sum of squares of
                              every channel (nothing else is written).
-K4 ``_scale_kernel``         per tensor: ``scale = rsqrt(1e-5 + sum(x^2) / n)`` per channel.
+K4 ``_scale_kernel``         per tensor: ``scale = rsqrt(1e-5 + sum(x^2) / n)`` per channel, and the
+                             tensor's step scale (``step_scale`` "rms": from the ``param`` channel's
+                             ``sum(p^2)``; "width": from the largest dim; rank < 2: exp(vector_log_lr)).
 K5 ``_main_kernel``          per element block: features again, ``x * scale``, the MLP with ``tl.dot``
                              on ``[BLOCK, 32] x [32, H]`` and ``[BLOCK, H] x [H, H]`` tiles (weight
-                             matrices loaded once per program), output layer on CUDA cores, update,
-                             clamp, and in-place writes of ``p``, ``m``, ``v`` (and rank < 2 second
-                             moments).
+                             matrices loaded once per program), output layer on CUDA cores, the step of
+                             the config's design (``DESIGN`` 0 additive, 1 controller, 2 normalized)
+                             times the step scale, clamp, and in-place writes of ``p``, ``m``, ``v`` (and
+                             rank < 2 second moments).
+design "normalized" only: K5 with ``MODE=1`` first (features and MLP; per chunk ``sum(d^2)``, nothing
+written) and ``_dnorm_kernel`` (per tensor ``rsqrt(mean(d^2) + 1e-12)``): one more pass and MLP.
 
 Population (:mod:`kernels.lo_step_population`): meta column 11 holds each table entry's member index;
 K5 reads that member's weights and step constants from stacked buffers (0 for a single weight set).
@@ -25,15 +30,19 @@ The backward kernels live in :mod:`kernels.lo_step_backward`.
 
 The 28 features are assembled into one ``[BLOCK, 32]`` register tile by a tree of ``tl.join``; the
 tree's column order is the bit reversal of the canonical slot, which the host folds into the row
-order of the first weight matrix (no data movement in the kernel). The 11 time features are equal for
-all elements: their product with their weight rows is folded into the first bias on the host.
+order of the first weight matrix (no data movement in the kernel). The time features (``absolute``
+``tanh(t / tau - 1)``, ``fraction`` ``tanh(10 (t / T - c))`` with ``T = state["horizon"]``, or none) are
+equal for all elements: their product with their weight rows is folded into the first bias on the host,
+as is the nominal learning rate's schedule (:func:`kernels.lo_step_reference.step_constants`; per-step
+constants ``[bc1, bc2, lr, exp(vector_log_lr), mix, 0, 0, 0]`` per weight set).
 
 Traffic per element (fp32): K3 reads g, p, m (3), v; K5 reads them again and writes p, m, v: 68 bytes
 against the 44 a single pass would need (features cannot be kept: 28 floats per element). K1 reads
 the gradient of a factored tensor twice more (row and column sums): 76 bytes for matrices.
 
 Registers (``python -m kernels.compile_check --ptxas-info``, sm_90, Triton 3.9): main kernel with
-``tf32`` / block 64 / 4 warps: 126, no spills; ``ieee`` (fp32 FMA dot) spills at every tile size
+``tf32`` / block 64 / 4 warps, default config (controller, rms step scale): 127, no spills (the legacy
+additive design: 126; the normalized design's ``MODE=1`` pass: 140); ``ieee`` (fp32 FMA dot) spills at every tile size
 tried: it is the exact mode for tests, ``tf32`` the fast one. No GPU timings exist yet: tune with
 ``python -m kernels.bench_lo_step --tune``.
 
@@ -64,6 +73,9 @@ assert NUM_SLOTS + 4 == KPAD
 META_COLS = 12  # per-tensor int64 metadata
 PTR_COLS = 7  # per-tensor pointers: g, p, m, v, row, col, row factor
 DESC_COLS = 12  # per factored reduction (tensor, kind) int64 metadata
+SC_COLS = 8  # per-step constants per weight set: bc1, bc2, lr, exp(vector_log_lr), mix, 0, 0, 0
+DESIGN_CODE = {"additive": 0, "controller": 1, "normalized": 2}
+SCALE_CODE = {"none": 0, "rms": 1, "width": 2}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -292,11 +304,80 @@ def _chunk_sums(meta_tab, part_ptr, t, RB: tl.constexpr):
 
 
 @triton.jit
-def _scale_kernel(meta_tab, part_ptr, scale_ptr, RB: tl.constexpr):
-    """Per tensor: sum its chunks' partial sums of squares; scale = rsqrt(1e-5 + sum / n)."""
+def _pow(x, power):
+    """``x ** power`` for ``x > 0`` (exactly ``x`` for power 1, as torch)."""
+    return tl.where(power == 1.0, x, tl.exp2(power * tl.log2(x)))
+
+
+@triton.jit
+def _scale_kernel(meta_tab, part_ptr, scale_ptr, sc_ptr, ss_ptr, rms_floor2, rms_ref, power, width_ref,
+                  RB: tl.constexpr, SCALE: tl.constexpr):
+    """Per tensor: sum its chunks' partial sums of squares; scale = rsqrt(1e-5 + sum / n). Also the
+    step scale ``ss`` (``SCALE`` 0: none, 1; 1: "rms", 2: "width"): rank >= 2 tensors
+    ``(sqrt(sum(p^2) / n + floor^2) / rms_ref) ** power`` (``sum(p^2)``: the ``param`` channel's
+    statistic, slot 1 = column 16) or ``min(1, width_ref / max(shape)) ** power`` (the largest dim is
+    the factored tensor's row length, meta columns 3 / 4), rank < 2 the member's ``exp(vector_log_lr)``
+    (step constants column 3)."""
     t = tl.program_id(0)
     acc, n = _chunk_sums(meta_tab, part_ptr, t, RB)
-    tl.store(scale_ptr + t * 32 + tl.arange(0, 32), tl.rsqrt(1e-5 + acc / n))
+    cols = tl.arange(0, 32)
+    tl.store(scale_ptr + t * 32 + cols, tl.rsqrt(1e-5 + acc / n))
+    if SCALE == 0:
+        ss = 1.0
+    else:
+        mt = meta_tab + t * 12
+        is_fac = tl.load(mt + 7)
+        mem = tl.load(mt + 11)
+        if SCALE == 1:
+            p2 = tl.sum(tl.where(cols == 16, acc, 0.0), axis=0)
+            mat = _pow(tl.sqrt(p2 / n + rms_floor2) / rms_ref, power)
+        else:
+            widest = (tl.load(mt + 3) // tl.maximum(tl.load(mt + 4), 1)).to(tl.float32)
+            mat = _pow(tl.minimum(width_ref / widest, 1.0), power)
+        ss = tl.where(is_fac != 0, mat, tl.load(sc_ptr + mem * 8 + 3))
+    tl.store(ss_ptr + t, ss)
+
+
+@triton.jit
+def _dnorm_kernel(meta_tab, dpart_ptr, rn_ptr, RB: tl.constexpr):
+    """design="normalized", per tensor: ``rn = rsqrt(sum(d^2) / n + 1e-12)`` from the chunk partials
+    of the main kernel's ``MODE=1`` pass."""
+    t = tl.program_id(0)
+    mt = meta_tab + t * 12
+    n = tl.load(mt + 0).to(tl.float32)
+    c_lo = tl.load(mt + 9).to(tl.int32)
+    c_hi = tl.load(mt + 10).to(tl.int32)
+    acc = tl.zeros([RB], dtype=tl.float32)
+    for c in range(c_lo, c_hi, RB):
+        rows = c + tl.arange(0, RB)
+        acc += tl.load(dpart_ptr + rows, mask=rows < c_hi, other=0.0)
+    tl.store(rn_ptr + t, tl.rsqrt(tl.sum(acc, axis=0) / n + 1e-12))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh without overflow: sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _step_delta(d, mag, m0, v, bc1, bc2, lr, mix, rn, ss, exp_mult, step_mult, cbound,
+                NOMINAL: tl.constexpr, DESIGN: tl.constexpr, SCALED: tl.constexpr):
+    """The per-element update before the clamp, ``design`` 0 additive / 1 controller / 2 normalized,
+    times the tensor's step scale ``ss`` when ``SCALED``."""
+    if DESIGN == 0:
+        delta = d * tl.exp(exp_mult * mag) * step_mult
+        if NOMINAL:
+            delta = delta + lr * ((m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8))
+    elif DESIGN == 1:
+        delta = lr * tl.exp(cbound * _tanh(d)) * ((m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8))
+    else:
+        delta = lr * (((m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8)) + mix * (d * rn))
+    if SCALED:
+        delta = delta * ss
+    return delta
 
 
 @triton.jit
@@ -305,10 +386,13 @@ def _main_block(i, mask, MASKED: tl.constexpr,
                 r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
                 sbn, sb, san, sa, is_fac, grad_clip,
                 md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
-                scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
-                exp_mult, step_mult, max_update, scale_t_ptr, b0_ptr, wo_ptr,
+                scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr, mix, rn, ss,
+                exp_mult, step_mult, max_update, cbound, scale_t_ptr, b0_ptr, wo_ptr,
                 H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
-                NM: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr, RELOAD: tl.constexpr):
+                NM: tl.constexpr, NA: tl.constexpr, BLOCK: tl.constexpr, RELOAD: tl.constexpr,
+                DESIGN: tl.constexpr, SCALED: tl.constexpr, MODE: tl.constexpr):
+    """One element block. ``MODE`` 0: the update and the writes; 1 (design="normalized"'s extra pass):
+    only the MLP, returns the block's ``sum(d^2)`` (nothing is written)."""
     x, p, m0, m1, m2, v, r0, r1, r2 = _features(
         i, mask, MASKED, g_ptr, p_ptr, m_ptr0, m_ptr1, m_ptr2, v_ptr,
         r_ptr0, r_ptr1, r_ptr2, c_ptr0, c_ptr1, c_ptr2, f_ptr0, f_ptr1, f_ptr2,
@@ -334,50 +418,60 @@ def _main_block(i, mask, MASKED: tl.constexpr,
         h = tl.dot(h, wl, input_precision=PREC) + bl[None, :]
     h = tl.maximum(h, 0.0)
     d = tl.sum(h * wd[None, :], axis=1) + bd
-    mag = tl.sum(h * wm[None, :], axis=1) + bm
-    delta = d * tl.exp(exp_mult * mag) * step_mult
-    if NOMINAL:
-        delta = delta + lr * ((m0 / bc1) / (tl.sqrt(v / bc2) + 1e-8))
-    delta = tl.minimum(tl.maximum(delta, -max_update), max_update)
-    dq = delta.to(p_ptr.dtype.element_ty).to(tl.float32)  # the reference casts the update first
-    p_new = (p - dq).to(p_ptr.dtype.element_ty)
-    if MASKED:
-        tl.store(p_ptr + i, p_new, mask=mask)
-        tl.store(m_ptr0 + i, m0, mask=mask)
-        if NM > 1:
-            tl.store(m_ptr1 + i, m1, mask=mask)
-        if NM > 2:
-            tl.store(m_ptr2 + i, m2, mask=mask)
-        tl.store(v_ptr + i, v, mask=mask)
-        if is_fac == 0:
-            tl.store(r_ptr0 + i, r0, mask=mask)
-            if NA > 1:
-                tl.store(r_ptr1 + i, r1, mask=mask)
-            if NA > 2:
-                tl.store(r_ptr2 + i, r2, mask=mask)
+    dsq = 0.0
+    if MODE == 1:
+        if MASKED:
+            dsq = tl.sum(tl.where(mask, d * d, 0.0), axis=0)
+        else:
+            dsq = tl.sum(d * d, axis=0)
     else:
-        tl.store(p_ptr + i, p_new)
-        tl.store(m_ptr0 + i, m0)
-        if NM > 1:
-            tl.store(m_ptr1 + i, m1)
-        if NM > 2:
-            tl.store(m_ptr2 + i, m2)
-        tl.store(v_ptr + i, v)
-        if is_fac == 0:
-            tl.store(r_ptr0 + i, r0)
-            if NA > 1:
-                tl.store(r_ptr1 + i, r1)
-            if NA > 2:
-                tl.store(r_ptr2 + i, r2)
+        mag = d
+        if DESIGN == 0:
+            mag = tl.sum(h * wm[None, :], axis=1) + bm
+        delta = _step_delta(d, mag, m0, v, bc1, bc2, lr, mix, rn, ss, exp_mult, step_mult, cbound,
+                            NOMINAL, DESIGN, SCALED)
+        delta = tl.minimum(tl.maximum(delta, -max_update), max_update)
+        dq = delta.to(p_ptr.dtype.element_ty).to(tl.float32)  # the reference casts the update first
+        p_new = (p - dq).to(p_ptr.dtype.element_ty)
+        if MASKED:
+            tl.store(p_ptr + i, p_new, mask=mask)
+            tl.store(m_ptr0 + i, m0, mask=mask)
+            if NM > 1:
+                tl.store(m_ptr1 + i, m1, mask=mask)
+            if NM > 2:
+                tl.store(m_ptr2 + i, m2, mask=mask)
+            tl.store(v_ptr + i, v, mask=mask)
+            if is_fac == 0:
+                tl.store(r_ptr0 + i, r0, mask=mask)
+                if NA > 1:
+                    tl.store(r_ptr1 + i, r1, mask=mask)
+                if NA > 2:
+                    tl.store(r_ptr2 + i, r2, mask=mask)
+        else:
+            tl.store(p_ptr + i, p_new)
+            tl.store(m_ptr0 + i, m0)
+            if NM > 1:
+                tl.store(m_ptr1 + i, m1)
+            if NM > 2:
+                tl.store(m_ptr2 + i, m2)
+            tl.store(v_ptr + i, v)
+            if is_fac == 0:
+                tl.store(r_ptr0 + i, r0)
+                if NA > 1:
+                    tl.store(r_ptr1 + i, r1)
+                if NA > 2:
+                    tl.store(r_ptr2 + i, r2)
+    return dsq
 
 
 @triton.jit
-def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr, wm_ptr, bm_ptr,
-                 wo_ptr, bo_ptr, grad_clip, exp_mult, step_mult, max_update,
+def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, ss_ptr, rn_ptr, dpart_ptr, w0_ptr, b0_ptr,
+                 wm_ptr, bm_ptr, wo_ptr, bo_ptr, grad_clip, exp_mult, step_mult, max_update, cbound,
                  md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
                  H: tl.constexpr, NUM_MID: tl.constexpr, NOMINAL: tl.constexpr, PREC: tl.constexpr,
                  NM: tl.constexpr, NA: tl.constexpr, P_KIND: tl.constexpr, G_KIND: tl.constexpr,
-                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, RELOAD: tl.constexpr):
+                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, RELOAD: tl.constexpr,
+                 DESIGN: tl.constexpr, SCALED: tl.constexpr, MODE: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(chunk_tab + 2 * pid)
     start = tl.load(chunk_tab + 2 * pid + 1)
@@ -398,7 +492,7 @@ def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr
     bm_ptr += mem * bm_size
     wo_ptr += mem * (2 * H)
     bo_ptr += mem * 2
-    sc_ptr += mem * 4
+    sc_ptr += mem * 8
     # weights: once per program (with RELOAD the vectors are re-read per block, see _main_block)
     kk = tl.arange(0, 32)
     hh = tl.arange(0, H)
@@ -421,27 +515,43 @@ def _main_kernel(chunk_tab, ptr_tab, meta_tab, scale_ptr, sc_ptr, w0_ptr, b0_ptr
     bc1 = tl.load(sc_ptr)
     bc2 = tl.load(sc_ptr + 1)
     lr = tl.load(sc_ptr + 2)
+    mix = tl.load(sc_ptr + 4)
+    ss = 1.0
+    if SCALED:
+        ss = tl.load(ss_ptr + t)
+    rn = 0.0
+    if DESIGN == 2 and MODE == 0:
+        rn = tl.load(rn_ptr + t)
     end = tl.minimum(start + CHUNK, n.to(tl.int32))
     nfull = (end - start) // BLOCK
     offs = tl.arange(0, BLOCK)
+    dsq = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), axis=0)
     for it in range(0, nfull):
         i = tl.multiple_of(start + it * BLOCK, BLOCK) + offs
-        _main_block(i, i < end, False, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
-                    r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
-                    f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
-                    md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
-                    scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
-                    exp_mult, step_mult, max_update, scale_ptr + t * 32, b0_ptr, wo_ptr,
-                    H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD)
+        part = _main_block(
+            i, i < end, False, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
+            r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
+            f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
+            md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+            scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr, mix, rn, ss,
+            exp_mult, step_mult, max_update, cbound, scale_ptr + t * 32, b0_ptr, wo_ptr,
+            H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD, DESIGN, SCALED, MODE)
+        if MODE == 1:
+            dsq += part
     if start + nfull * BLOCK < end:
         i = start + nfull * BLOCK + offs
-        _main_block(i, i < end, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
-                    r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
-                    f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
-                    md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
-                    scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr,
-                    exp_mult, step_mult, max_update, scale_ptr + t * 32, b0_ptr, wo_ptr,
-                    H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD)
+        part = _main_block(
+            i, i < end, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
+            r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
+            f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
+            md0, omd0, md1, omd1, md2, omd2, rd, ord_, ad0, oad0, ad1, oad1, ad2, oad2,
+            scale, w0, b0, w1, b1, wm_ptr, bm_ptr, wd, wm, bd, bm, bc1, bc2, lr, mix, rn, ss,
+            exp_mult, step_mult, max_update, cbound, scale_ptr + t * 32, b0_ptr, wo_ptr,
+            H, NUM_MID, NOMINAL, PREC, NM, NA, BLOCK, RELOAD, DESIGN, SCALED, MODE)
+        if MODE == 1:
+            dsq += part
+    if MODE == 1:
+        tl.store(dpart_ptr + pid, dsq)
 
 
 @triton.jit
@@ -605,6 +715,9 @@ class _Plan:
     rf_offsets: list[int]
     stats: Tensor  # [nchunks, 32]
     scale: Tensor  # [T, 32]
+    sscale: Tensor  # [T] per-tensor step scale (step_scale "rms" / "width"; 1 otherwise)
+    dpart: Tensor  # [nchunks] partial sums of d^2 (design="normalized")
+    rn: Tensor  # [T] rsqrt(mean(d^2) + 1e-12) per tensor (design="normalized")
     ptr_key: tuple | None = None
     ptr_tab: Tensor | None = None
 
@@ -680,6 +793,8 @@ def _build_plan(shapes: list[tuple[int, ...]], cfg: LOConfig, device, blocks: Bl
         part1=torch.empty(max(part_size, 1), **f32) if desc else None,
         rowfac=torch.empty(max(rf_size, 1), **f32) if desc else None, rf_offsets=rf_offsets,
         stats=torch.empty((max(n_chunks, 1), 32), **f32), scale=torch.empty((len(shapes), 32), **f32),
+        sscale=torch.empty(max(len(shapes), 1), **f32), dpart=torch.empty(max(n_chunks, 1), **f32),
+        rn=torch.empty(max(len(shapes), 1), **f32),
     )
 
 
@@ -782,15 +897,32 @@ def _launch_group(items, cfg: LOConfig, consts, packed, precision: str, blocks: 
               G_KIND=g_kind, ALIGNED=aligned, BLOCK=blocks.block, CHUNK=blocks.chunk)
     _stats_kernel[(plan.n_chunks,)](plan.chunks, ptr_tab, plan.meta, plan.stats, grad_clip, **coef,
                                     **ck, num_warps=nw)
-    _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, plan.scale, RB=blocks.scale_rows,
-                                     num_warps=nw)
     sc, b0 = consts
+    _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, plan.scale, sc, plan.sscale, *_scale_args(cfg),
+                                     RB=blocks.scale_rows, SCALE=SCALE_CODE[cfg.step_scale], num_warps=nw)
     w0, wm, bm, wo, bo = packed
-    _main_kernel[(plan.n_chunks,)](
-        plan.chunks, ptr_tab, plan.meta, plan.scale, sc, w0, b0, wm, bm, wo, bo, grad_clip,
-        _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update), **coef,
-        H=cfg.hidden_width, NUM_MID=cfg.hidden_layers - 1, NOMINAL=cfg.nominal == "adam",
-        PREC=precision, RELOAD=blocks.reload_vectors, **ck, num_warps=nw)
+    design = DESIGN_CODE[cfg.design]
+    args = (plan.chunks, ptr_tab, plan.meta, plan.scale, sc, plan.sscale, plan.rn, plan.dpart,
+            w0, b0, wm, bm, wo, bo, grad_clip, _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update),
+            _f32(cfg.controller_bound))
+    mk = dict(H=cfg.hidden_width, NUM_MID=cfg.hidden_layers - 1, NOMINAL=cfg.nominal == "adam",
+              PREC=precision, RELOAD=blocks.reload_vectors, DESIGN=design, SCALED=cfg.step_scale != "none", **ck)
+    if design == 2:  # normalized: the MLP once more for the per-tensor rms of d, before the update
+        _main_kernel[(plan.n_chunks,)](*args, **coef, **mk, MODE=1, num_warps=nw)
+        _dnorm_kernel[(plan.n_tensors,)](plan.meta, plan.dpart, plan.rn, RB=blocks.scale_rows, num_warps=nw)
+    _main_kernel[(plan.n_chunks,)](*args, **coef, **mk, MODE=0, num_warps=nw)
+
+
+def _scale_args(cfg: LOConfig) -> tuple[float, float, float, float]:
+    """K4's step-scale scalars as the reference rounds them (fp32): floor^2, rms_ref, scale_power, width_ref."""
+    return _f32(cfg.rms_floor**2), _f32(cfg.rms_ref), _f32(cfg.scale_power), _f32(cfg.width_ref)
+
+
+def step_constant_table(k0) -> Tensor:
+    """``[SC_COLS]`` fp32 per-step constants of one weight set (:class:`StepConstants` ``k0``)."""
+    z = torch.zeros((), dtype=torch.float32, device=k0.lr.device)
+    return torch.stack([k0.bc1.float(), k0.bc2.float(), k0.lr.float(), k0.vscale.float(), k0.mix.float(),
+                        z, z, z]).contiguous()
 
 
 def _aligned(t: Tensor, n_slices: int = 1) -> bool:
@@ -829,13 +961,14 @@ def _lo_step(params, grads, state, theta, cfg: LOConfig, precision: str, inplace
     new_params = {k: clone(p) for k, p in params.items()}
     new_state: dict = {"step": state["step"] + 1,  # where the caller keeps it (optimizers.learned: CPU)
                        "m": {}, "v": {}, "row": {}, "col": {}}
+    if "horizon" in state:
+        new_state["horizon"] = state["horizon"]
     for key in ("m", "v", "row", "col"):
         for k, t in state[key].items():
             new_state[key][k] = clone(t)
     device = next(iter(params.values())).device
-    k0 = step_constants(state["step"], theta, cfg, device=device)
-    sc = torch.stack([k0.bc1.float(), k0.bc2.float(), k0.lr.float(), torch.zeros((), device=device)])
-    consts = (sc.contiguous(), k0.b0.float().contiguous())
+    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=state.get("horizon"))
+    consts = (step_constant_table(k0), k0.b0.float().contiguous())
     packed = _pack_theta(theta, cfg, device)
 
     writeback: list[tuple[Tensor, Tensor]] = []

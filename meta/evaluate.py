@@ -50,6 +50,7 @@ use the cores.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import multiprocessing as mp
@@ -63,7 +64,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from meta import stats
-from optimizers.base import Optimizer
+from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import SGD, Adam
 from tasks.base import Task, TaskDistribution, seeded
 
@@ -179,10 +180,22 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
     lane_losses: list[torch.Tensor] = []
     lane_snaps: dict[int, dict] = {}
 
-    # -- single optimizers
-    names = list(optimizers)
+    # -- single optimizers: one run each, or, for an optimizer whose updates depend on the run's length
+    #    (``horizon_aware``: a learned optimizer that sees the fraction of training), one run per horizon
+    #    of exactly that length. ``runs`` maps a run key to (optimizer, its last step).
+    runs: dict[str, tuple[Optimizer, int]] = {}
+    run_of: dict[tuple[str, str], str] = {}  # (name, horizon label) -> run key
+    for n, opt in optimizers.items():
+        if getattr(opt, "horizon_aware", False):
+            for label, T in horizons.items():
+                runs[f"{n}@{label}"] = (for_horizon(opt, T), T)
+                run_of[(n, label)] = f"{n}@{label}"
+        else:
+            runs[n] = (opt, n_steps)
+            run_of.update({(n, label): n for label in horizons})
+    names = list(runs)
     params = {n: p0 for n in names}
-    states = {n: optimizers[n].init(p0) for n in names}
+    states = {n: runs[n][0].init(p0) for n in names}
     losses: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     diverged_at: dict[str, int | None] = {n: None for n in names}
     snaps: dict[str, dict[int, dict]] = {n: {} for n in names}
@@ -210,8 +223,9 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
                         parts.append(new)
                     lanes = {k: torch.cat([p[k] for p in parts]) for k in lanes}
         for n in names:
-            if diverged_at[n] is not None:
+            if diverged_at[n] is not None or t > runs[n][1]:
                 continue
+            last = t == runs[n][1]
             p = params[n]
             if last:
                 grads, lval = None, loss_fn(p, batch).detach()
@@ -224,7 +238,7 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
             if t in record:
                 snaps[n][t] = p
             if not last:
-                params[n], states[n] = optimizers[n].update(grads, states[n], p, loss=lval)
+                params[n], states[n] = runs[n][0].update(grads, states[n], p, loss=lval)
     run_seconds = time.perf_counter() - t_start
 
     # -- bookkeeping after the run (full-batch losses only at the recorded steps)
@@ -237,7 +251,7 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
 
     smoothed: dict[str, np.ndarray] = {}
     for n in names:
-        arr = np.full(n_steps + 1, max_loss, dtype=np.float64)
+        arr = np.full(runs[n][1] + 1, max_loss, dtype=np.float64)
         if losses[n]:
             arr[: len(losses[n])] = task.normalizer(torch.stack(losses[n])).double().numpy()
         smoothed[n] = _ema(arr, ema)
@@ -293,12 +307,16 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
         results[GRID_RESULT_NAME[gname]] = out
         grid_records[gname] = rec
 
+    curves: dict[str, dict[int, float]] = {}
     for n in names:
         div = diverged_at[n]
-        curve_all = {s: (max_loss if (div is not None and s >= div) else full_loss(snaps[n][s], "train"))
-                     for s in sorted(steps_to_record)}
+        curves[n] = {s: (max_loss if (div is not None and s >= div) else full_loss(snaps[n][s], "train"))
+                     for s in sorted(steps_to_record) if s <= runs[n][1]}
+    for name in optimizers:
         out = {}
         for label, T in horizons.items():
+            n = run_of[(name, label)]
+            div, curve_all = diverged_at[n], curves[n]
             gone = div is not None and div <= T
             sm = float(smoothed[n][T])
             sp, censored = _speedup(envelope, sm, T)
@@ -310,7 +328,7 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
                 "diverged": gone, "diverged_step": div if gone else None,
                 "curve": [v for s, v in curve_all.items() if s <= T],
             }
-        results[n] = out
+        results[name] = out
 
     return {
         "split_index": None,  # filled by the caller
@@ -466,6 +484,8 @@ def evaluate(
                 torch.set_num_threads(threads)
         else:
             from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            importlib.import_module("torch._dynamo")  # vmapped grads import it lazily (~3 s): once, not per fork
 
             _WORK = spec
             with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),

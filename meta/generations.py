@@ -93,7 +93,8 @@ class LoopTrainer:
         self.seed = seed
 
     def __call__(self, outer: Optimizer | None, steps: int) -> Params:
-        trainer = MetaTrainer(self.cfg, outer=outer or Adam(lr=self.cfg.meta.outer_lr),
+        cfg = replace(self.cfg, meta=replace(self.cfg.meta, outer_steps=steps))  # T of a horizon-aware outer
+        trainer = MetaTrainer(cfg, outer=outer or Adam(lr=self.cfg.meta.outer_lr),
                               theta=self.lopt.init_theta(seeded("loop_theta", self.seed)))
         for _ in range(steps):
             trainer.train_step()

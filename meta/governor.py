@@ -52,7 +52,7 @@ import torch
 from meta import stats
 from meta.config import GovernorConfig
 from meta.evaluate import TUNED_ADAM, evaluate
-from optimizers.base import Optimizer
+from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
 from optimizers.learned import LearnedOptimizer
 from optimizers.tree import Params
@@ -140,13 +140,14 @@ def probe_updates(opt: Optimizer, dist: TaskDistribution, indices: Sequence[int]
     for i in indices:
         task = dist.task("held_out", i)
         params = task.init_default()
-        state = opt.init(params)
+        opt_i = for_horizon(opt, steps)
+        state = opt_i.init(params)
         gen = seeded("probe", seed, task.seed)
         grad_fn = torch.func.grad_and_value(task.loss)
         for _ in range(steps):
             grads, loss = grad_fn(params, task.sample_batch("train", gen))
             t0 = time.perf_counter()
-            new, state = opt.update(grads, state, params, loss=loss)
+            new, state = opt_i.update(grads, state, params, loss=loss)
             seconds += time.perf_counter() - t0
             n += 1
             num = math.sqrt(sum(float(((new[k] - params[k]).double() ** 2).sum()) for k in params))

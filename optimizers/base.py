@@ -42,3 +42,14 @@ class LearnableOptimizer(Protocol):
     def init_theta(self, generator: Any) -> Params: ...
 
     def bind(self, theta: Params) -> Optimizer: ...
+
+
+def for_horizon(opt: Any, total_steps: int) -> Any:
+    """``opt`` set up for a run of ``total_steps`` steps.
+
+    Optimizers whose updates depend on the run's length (a learned optimizer that sees the fraction
+    of training ``t/T``) say so with ``horizon_aware = True`` and provide ``with_total_steps(T)``;
+    every other optimizer is returned as it is."""
+    if getattr(opt, "horizon_aware", False):
+        return opt.with_total_steps(int(total_steps))
+    return opt

@@ -48,6 +48,17 @@ FEATURE_GROUPS = (
     "fac_mom",  # m * row_factor * col_factor
 )
 DEFAULT_TAUS = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+# Centres c of the fraction-of-training features tanh(10 * (t / T - c)) (VeLO / Celo).
+DEFAULT_FRACTIONS = (0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1)
+
+# How the MLP's output becomes a step (see LOConfig.design):
+DESIGNS = ("additive", "normalized", "controller")
+TIME_FEATURES = ("absolute", "fraction", "none")
+STEP_SCALES = ("none", "rms", "width")
+
+# What a config written before these fields existed means: the original design. ``from_dict`` fills
+# missing keys from here, so every old checkpoint loads as the optimizer it was trained as.
+LEGACY_FIELDS = {"design": "additive", "time_features": "absolute", "step_scale": "none"}
 
 
 class ConfigError(ValueError):
@@ -83,27 +94,66 @@ class LOConfig:
     output_init_scale: float = 0.01  # small: the untrained optimizer starts close to its nominal term
     max_update: float = 1.0  # per-element clamp on |update|, a bound that holds by construction
     grad_clip: float = 1e3  # VeLO clips incoming gradients to +-1000
+    # ---- the step's form (defaults: the design that measured best; docs/ablation.md) ----------
+    # "additive": d * exp(exp_mult * m) * step_mult + lr(t) * adam_dir (the original; the MLP term
+    #     has a fixed size that nothing anneals);
+    # "normalized": lr(t) * (adam_dir + mix * rmsnorm_per_tensor(d)) (Celo2): the learned direction
+    #     rides on the nominal schedule, so it shrinks when the schedule does; ``mix`` is learned;
+    # "controller": lr(t) * exp(controller_bound * tanh(d)) * adam_dir (Harrison et al.'s nominal
+    #     controller): the MLP only rescales Adam's step per element, within e^(+-bound).
+    design: str = "controller"
+    # "absolute": tanh(t / tau - 1) over time_taus (the original; unseen values past the horizon);
+    # "fraction": tanh(10 * (t / T - c)) over time_fractions, T the run's total steps (needs T);
+    # "none": no time input (horizon-free; the nominal schedule is then a constant).
+    time_features: str = "fraction"
+    time_fractions: tuple[float, ...] = DEFAULT_FRACTIONS
+    # per-tensor step scale: "rms": matrices (rank >= 2) step in units of (RMS(p) / rms_ref) ** scale_power
+    # (Celo / VeLO; wider layers are initialised smaller, so they get smaller steps), vectors by
+    # exp(vector_log_lr) (learned); "width": matrices by min(1, width_ref / max(shape)) ** scale_power
+    # (muP: a layer's output moves by ~fan_in * step, so wider layers need proportionally smaller
+    # steps; the largest dim is the fan-in of hidden and output layers whatever the layout),
+    # vectors by exp(vector_log_lr); "none": every tensor in the nominal learning rate's units.
+    step_scale: str = "width"
+    width_ref: int = 64  # the widest layer the default was meta-trained on
+    rms_ref: float = 0.1
+    rms_floor: float = 1e-3
+    scale_power: float = 1.0
+    controller_bound: float = 2.0
+    mix_init: float = 0.1  # initial weight of the normalised learned direction ("normalized")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(self.features))
         object.__setattr__(self, "momentum_decays", tuple(self.momentum_decays))
         object.__setattr__(self, "adafactor_decays", tuple(self.adafactor_decays))
         object.__setattr__(self, "time_taus", tuple(float(t) for t in self.time_taus))
-        for name in ("hidden_width", "hidden_layers"):
+        object.__setattr__(self, "time_fractions", tuple(float(t) for t in self.time_fractions))
+        for name in ("hidden_width", "hidden_layers", "width_ref"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"{name} must be an integer, got {v!r}")
         for name in ("rms_decay", "exp_mult", "step_mult", "nominal_lr", "output_init_scale", "max_update",
-                     "grad_clip"):
+                     "grad_clip", "rms_ref", "rms_floor", "scale_power", "controller_bound", "mix_init"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ConfigError(f"{name} must be a number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v!r}")
+        for name, allowed in (("design", DESIGNS), ("time_features", TIME_FEATURES),
+                              ("step_scale", STEP_SCALES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.design != "additive" and self.nominal != "adam":
+            raise ConfigError(f"design {self.design!r} scales the nominal Adam term: it needs nominal='adam'")
+        if self.rms_ref <= 0 or self.rms_floor <= 0 or self.controller_bound <= 0 or self.nominal_lr <= 0:
+            raise ConfigError("rms_ref, rms_floor, controller_bound and nominal_lr must be positive")
+        if any(t <= 0 or not math.isfinite(t) for t in self.time_taus):
+            raise ConfigError(f"time_taus must be positive and finite, got {list(self.time_taus)}")
+        if any(not math.isfinite(c) for c in self.time_fractions):
+            raise ConfigError("time_fractions must be finite")
         if not self.features:
             raise ConfigError("features must name at least one feature group")
         bad = [f for f in self.features if f not in FEATURE_GROUPS]
         if bad:
             raise ConfigError(f"unknown feature group(s) {bad}; choose from {list(FEATURE_GROUPS)}")
-        if self.hidden_width < 1 or self.hidden_layers < 0:
+        if self.hidden_width < 1 or self.hidden_layers < 0 or self.width_ref < 1:
             raise ConfigError("hidden_width must be >= 1 and hidden_layers >= 0")
         if self.nominal not in ("adam", "none"):
             raise ConfigError(f"nominal must be 'adam' or 'none', got {self.nominal!r}")
@@ -123,7 +173,17 @@ class LOConfig:
             "fac_grad": na, "row": na, "col": na, "rsqrt_row": na, "rsqrt_col": na,
             "fac_mom": min(nm, na),
         }
-        return sum(per[f] for f in self.features) + len(self.time_taus)
+        return sum(per[f] for f in self.features) + self.num_time_features
+
+    @property
+    def num_time_features(self) -> int:
+        return {"absolute": len(self.time_taus), "fraction": len(self.time_fractions),
+                "none": 0}[self.time_features]
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """Whether the step depends on the run's total length T (fraction-of-training features)."""
+        return self.time_features == "fraction"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -131,8 +191,55 @@ class LOConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LOConfig":
+        """From JSON; a config saved before the design fields existed is the original design."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a learned-optimizer config must be a JSON object, got {type(data).__name__}")
         _check_keys(cls, data)
+        if "design" not in data:
+            data = {**LEGACY_FIELDS, **data}
         return cls(**data)
+
+
+def time_features(step: Tensor, total_steps: Tensor | None, cfg: LOConfig) -> Tensor:
+    """The step's time inputs (same for every element), shape ``(cfg.num_time_features,)``.
+
+    ``fraction``: ``tanh(10 * (t / T - c))``; the schedule and the MLP see *how far through* the run a
+    step is, so a run 10x longer stretches the learned behaviour instead of extrapolating it."""
+    if cfg.time_features == "absolute":
+        taus = torch.tensor(cfg.time_taus, dtype=step.dtype, device=step.device)
+        return torch.tanh(step / taus - 1.0)
+    if cfg.time_features == "fraction":
+        if total_steps is None:
+            raise ValueError("this learned optimizer uses the fraction of training t/T: give total_steps "
+                             "(bind(..., total_steps=T), init(params, total_steps=T), or "
+                             "LearnedOptimizerTorch(..., total_steps=T))")
+        cs = torch.tensor(cfg.time_fractions, dtype=step.dtype, device=step.device)
+        frac = step / torch.clamp(total_steps.to(step), min=1.0)
+        return torch.tanh(10.0 * (frac - cs))
+    return torch.zeros(0, dtype=step.dtype, device=step.device)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` with derivative 0 (not inf) at ``x = 0``.
+
+    ``torch.sqrt``'s derivative at 0 is infinite; multiplied by the zero upstream gradient of a
+    parameter that never had a gradient it gives NaN and throws away whole meta-gradients. The
+    forward values are identical to ``torch.sqrt``."""
+    pos = x > 0
+    return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))), torch.zeros_like(x))
+
+
+def tensor_step_scale(p: Tensor, cfg: LOConfig) -> Tensor:
+    """Per-tensor scale of a rank >= 2 parameter's step (no gradient flows through it).
+
+    ``rms``: ``(sqrt(mean(p^2) + floor^2) / rms_ref) ** power``; ``width``:
+    ``min(1, width_ref / max(p.shape)) ** power`` (a constant of the shape)."""
+    if cfg.step_scale == "width":
+        return torch.tensor(min(1.0, cfg.width_ref / max(p.shape)) ** cfg.scale_power, dtype=torch.float32,
+                            device=p.device)
+    pd = p.detach().float()
+    rms = torch.sqrt((pd * pd).mean() + cfg.rms_floor**2) if p.numel() else pd.new_ones(())
+    return (rms / cfg.rms_ref) ** cfg.scale_power
 
 
 def factored_dims(shape: torch.Size | tuple[int, ...]) -> tuple[int, int] | None:
@@ -180,7 +287,7 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
         elif name == "fac_mom":
             feats.append(m[:nmf] * fac[:nmf])
     # (channels, *shape) -> (n, channels); the explicit channel count also covers 0-element tensors
-    return torch.cat(feats, dim=0).reshape(cfg.num_inputs - len(cfg.time_taus), g.numel()).transpose(0, 1)
+    return torch.cat(feats, dim=0).reshape(cfg.num_inputs - cfg.num_time_features, g.numel()).transpose(0, 1)
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -263,17 +370,22 @@ class LearnedOptimizer:
                 w = w * self.config.output_init_scale
             theta[f"w{i}"] = w
             theta[f"b{i}"] = torch.zeros(fan_out)
-        if self.config.nominal == "adam":
-            theta["nominal_log_lr"] = torch.tensor(math.log(self.config.nominal_lr))
-            if self.config.nominal_schedule:
-                theta["nominal_time_w"] = torch.zeros(len(self.config.time_taus))
+        c = self.config
+        if c.nominal == "adam":
+            theta["nominal_log_lr"] = torch.tensor(math.log(c.nominal_lr))
+            if c.nominal_schedule and c.num_time_features:
+                theta["nominal_time_w"] = torch.zeros(c.num_time_features)
+        if c.design == "normalized":
+            theta["mix"] = torch.tensor(float(c.mix_init))
+        if c.step_scale != "none":
+            theta["vector_log_lr"] = torch.zeros(())  # vectors' step relative to the nominal lr
         return theta
 
     def num_theta(self) -> int:
         return sum(t.numel() for t in self.init_theta(0).values())
 
-    def bind(self, theta: Params, *, kernels: bool | None = None,
-             precision: str = "tf32") -> "BoundLearnedOptimizer":
+    def bind(self, theta: Params, *, kernels: bool | None = None, precision: str = "tf32",
+             total_steps: int | None = None) -> "BoundLearnedOptimizer":
         """The functional optimizer with weights ``theta``.
 
         ``kernels``: whether ``update`` may use the fused Triton step (:mod:`kernels`). ``None``
@@ -289,8 +401,11 @@ class LearnedOptimizer:
         support the configuration or tensors (see :meth:`BoundLearnedOptimizer.kernel_reason`).
         ``precision``: ``tl.dot`` input precision of the kernels (``"tf32"``, ``"ieee"``, ``"tf32x3"``).
         Neither is part of :class:`LOConfig` (checkpoints are unaffected).
+        ``total_steps``: the run's length T, for designs that see the fraction of training t/T
+        (``config.needs_total_steps``); ``init(params, total_steps=...)`` may give it instead.
         """
-        return BoundLearnedOptimizer(self.config, theta, kernels=kernels, precision=precision)
+        return BoundLearnedOptimizer(self.config, theta, kernels=kernels, precision=precision,
+                                     total_steps=total_steps)
 
     def flops_per_element(self) -> int:
         sizes = self.layer_sizes()
@@ -305,7 +420,11 @@ class BoundLearnedOptimizer:
     """A learned optimizer bound to weights ``theta``: the same interface as Adam."""
 
     def __init__(self, config: LOConfig, theta: Params, *, kernels: bool | None = None,
-                 precision: str = "tf32"):
+                 precision: str = "tf32", total_steps: int | None = None):
+        if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
+                                        or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+        self.total_steps = None if total_steps is None else int(total_steps)
         if kernels not in (None, True, False):
             raise TypeError(f"kernels must be None, True or False, got {kernels!r}")
         if precision not in _PRECISIONS:
@@ -345,12 +464,31 @@ class BoundLearnedOptimizer:
         return unsupported(self.config, params, grads, state)
 
     # ---- state ------------------------------------------------------------------------------
-    def init(self, params: Params) -> dict:
+    @property
+    def horizon_aware(self) -> bool:
+        """True when the updates depend on the run's total length (evaluation runs each horizon apart)."""
+        return self.config.needs_total_steps
+
+    def with_total_steps(self, total_steps: int) -> "BoundLearnedOptimizer":
+        """The same optimizer for a run of ``total_steps`` steps."""
+        return BoundLearnedOptimizer(self.config, self.theta, kernels=self.kernels, precision=self.precision,
+                                     total_steps=total_steps)
+
+    def init(self, params: Params, *, total_steps: int | None = None) -> dict:
+        """Zero accumulators. Designs that see the fraction of training keep T in ``state["horizon"]``
+        (from ``total_steps`` or the bound ``total_steps``), so a population can mix run lengths."""
         c = self.config
         nm, na = len(c.momentum_decays), len(c.adafactor_decays)
         dtypes = [_state_dtype(p) for p in params.values()]
         step_dtype = max(dtypes, key=lambda d: torch.finfo(d).bits) if dtypes else torch.float32
         state: dict = {"step": torch.zeros((), dtype=step_dtype), "m": {}, "v": {}, "row": {}, "col": {}}
+        if c.needs_total_steps:
+            T = total_steps if total_steps is not None else self.total_steps
+            if T is None:
+                time_features(state["step"], None, c)  # raises the explanatory error
+            if isinstance(T, bool) or int(T) != T or T < 1:
+                raise ValueError(f"total_steps must be a positive integer, got {T!r}")
+            state["horizon"] = torch.tensor(float(T), dtype=step_dtype)
         for k, p in params.items():
             dtype = _state_dtype(p)
             state["m"][k] = torch.zeros((nm, *p.shape), dtype=dtype, device=p.device)
@@ -426,7 +564,9 @@ class BoundLearnedOptimizer:
             return lo_step(params, grads, state, self.theta, c, precision=self.precision, inplace=False)
         step = state["step"] + 1
         new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
-        inputs, adam_terms, sizes = [], [], []
+        if "horizon" in state:
+            new_state["horizon"] = state["horizon"]
+        inputs, adam_terms, sizes, scales = [], [], [], []
         for k, p in params.items():
             g = grads[k].to(state["v"][k].dtype)
             # sanitise: NaN -> 0, +-inf -> clip; then clip (bounded features by construction)
@@ -441,20 +581,35 @@ class BoundLearnedOptimizer:
             if c.nominal == "adam":
                 bc1 = 1 - c.momentum_decays[0] ** step
                 bc2 = 1 - c.rms_decay**step
-                adam_terms.append(((m0 / bc1) / (torch.sqrt(v / bc2) + 1e-8)).reshape(-1))
+                adam_terms.append(((m0 / bc1) / (safe_sqrt(v / bc2) + 1e-8)).reshape(-1))
+            if c.step_scale != "none":
+                scales.append(tensor_step_scale(p, c).to(x.dtype) if p.dim() >= 2
+                              else torch.exp(self.theta["vector_log_lr"]).to(x.dtype))
         x = torch.cat(inputs, dim=0)
-        taus = torch.tensor(c.time_taus, dtype=x.dtype, device=x.device)
-        tfeat = torch.tanh(step.to(x.dtype) / taus - 1.0)
-        x = torch.cat([x, tfeat.expand(x.shape[0], -1)], dim=1)
+        tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
+        if tfeat.numel():
+            x = torch.cat([x, tfeat.expand(x.shape[0], -1)], dim=1)
         out = self._mlp(x)
         d, mag = out[:, 0], out[:, 1]
-        delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
+        lr = None
         if c.nominal == "adam":
             log_lr = self.theta["nominal_log_lr"]
-            if c.nominal_schedule:
+            if "nominal_time_w" in self.theta:
                 log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
             lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
-            delta = delta + lr * torch.cat(adam_terms)
+            adam = torch.cat(adam_terms)
+        if c.design == "additive":
+            delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
+            if lr is not None:
+                delta = delta + lr * adam
+        elif c.design == "controller":
+            delta = lr * torch.exp(c.controller_bound * torch.tanh(d)) * adam
+        else:  # normalized: rms-normalise the learned direction per tensor
+            dn = torch.cat([piece * torch.rsqrt((piece * piece).mean() + 1e-12) if piece.numel() else piece
+                            for piece in torch.split(d, sizes)])
+            delta = lr * (adam + self.theta["mix"].to(dn.dtype) * dn)
+        if scales:
+            delta = delta * torch.cat([s.expand(n) for s, n in zip(scales, sizes)])
         delta = torch.clamp(delta, -c.max_update, c.max_update)
         new_params = {}
         for (k, p), piece in zip(params.items(), torch.split(delta, sizes)):

@@ -29,6 +29,13 @@ class ScaledUpdates:
         self.opt = opt
         self.factor = float(factor)
 
+    @property
+    def horizon_aware(self) -> bool:
+        return bool(getattr(self.opt, "horizon_aware", False))
+
+    def with_total_steps(self, total_steps: int) -> "ScaledUpdates":
+        return ScaledUpdates(self.opt.with_total_steps(total_steps), self.factor)
+
     def init(self, params: Params) -> Any:
         return self.opt.init(params)
 

@@ -131,22 +131,31 @@ SHAPES = {
     "scalar": (), "bias": (7,), "long": (37,), "w": (5, 7), "tall": (40, 3), "row1": (1, 9),
     "w3": (6, 2, 5), "conv": (3, 4, 5, 2), "big": (9, 21),
 }
-LEARNED = dict(nominal="none", output_init_scale=1.0)  # the MLP term dominates the update
+# the original design (LOConfig's defaults before design / time_features / step_scale existed)
+LEGACY = dict(design="additive", time_features="absolute", step_scale="none")
+LEARNED = dict(**LEGACY, nominal="none", output_init_scale=1.0)  # the MLP term dominates the update
+HORIZON = 20  # T of the fraction-of-training time features (time_features="fraction", the default)
 
 
-def make_problem(cfg: LOConfig, shapes=SHAPES, seed=0, pdtype=torch.float32, steps=0):
-    """theta, params, state after ``steps`` reference steps (non-zero accumulators), a grad maker."""
+def make_problem(cfg: LOConfig, shapes=SHAPES, seed=0, pdtype=torch.float32, steps=0, horizon=HORIZON):
+    """theta, params, state after ``steps`` reference steps (non-zero accumulators), a grad maker.
+    The state has ``horizon`` (``T``) where the config needs it; theta's schedule weights, the
+    vectors' log lr and the normalized design's mix are randomised (they are constants at init)."""
     lo = LearnedOptimizer(cfg)
     theta = lo.init_theta(seed + 1)
     gen = torch.Generator().manual_seed(seed)
     if "nominal_time_w" in theta:  # a learned nominal-lr schedule (zero at init)
         theta["nominal_time_w"] = torch.randn(theta["nominal_time_w"].shape, generator=gen) * 0.3
+    if "vector_log_lr" in theta:  # step_scale="rms": vectors' step relative to the nominal lr (0 at init)
+        theta["vector_log_lr"] = torch.randn((), generator=gen) * 0.5
+    if "mix" in theta:  # design="normalized"
+        theta["mix"] = theta["mix"] + torch.randn((), generator=gen).abs()
 
     def rand(shape, scale):
         return (torch.randn(shape, generator=gen) * scale).to(pdtype)
 
     params = {k: rand(s, 0.05) for k, s in shapes.items()}  # small: rounding of p << the step
-    state = lo.bind(theta).init(params)
+    state = lo.bind(theta).init(params, total_steps=horizon if cfg.needs_total_steps else None)
 
     def grads():
         out = {k: rand(s, 2.0) for k, s in shapes.items()}
@@ -183,10 +192,11 @@ def assert_same_step(ref, got, params, *, rtol=1e-5, ulps=1):
 # ---- reference == optimizers.learned ---------------------------------------------------------------
 @pytest.mark.parametrize("cfg", [
     LOConfig(),
+    LOConfig(**LEGACY),
     LOConfig(**LEARNED),
     LOConfig(**LEARNED, features=("momentum", "grad", "fac_mom", "rsqrt_col", "row"),
              momentum_decays=(0.5, 0.9), adafactor_decays=(0.99,), hidden_layers=1, hidden_width=16),
-], ids=["default", "learned-term", "subset"])
+], ids=["default", "legacy", "learned-term", "subset"])
 @pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_reference_equals_learned_optimizer(cfg, pdtype):
     theta, params, state, grads = make_problem(cfg, pdtype=pdtype)
@@ -485,9 +495,9 @@ def test_dispatch_functional_update(kernel_calls):
         snapshot = {}
         params, state = ref
     # unsupported configuration / dtype: PyTorch, silently
-    lo24 = LearnedOptimizer(LOConfig(hidden_width=24))
+    lo24 = LearnedOptimizer(LOConfig(**LEGACY, hidden_width=24))
     assert "hidden_width" in lo24.bind(lo24.init_theta(0), kernels=True).kernel_reason(grads(), state, params)
-    s64 = LearnedOptimizer(cfg).bind(theta).init({k: v.double() for k, v in params.items()})
+    s64 = LearnedOptimizer(cfg).bind(theta).init({k: v.double() for k, v in params.items()}, total_steps=HORIZON)
     assert "fp32" in on.kernel_reason(grads(), s64, params)
     with pytest.raises(ValueError, match="precision"):
         lo.bind(theta, precision="bf16")
@@ -542,12 +552,16 @@ def test_dispatch_under_autograd_and_functorch(kernel_calls, monkeypatch):
 
 
 @needs_triton
-def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls):
+@pytest.mark.parametrize("design", ["legacy", "default"])
+def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls, design):
     import copy
 
     from optimizers.torch_optim import LearnedOptimizerTorch
 
-    cfg = LOConfig(**{**LEARNED, "nominal": "adam", "output_init_scale": 0.1})
+    if design == "legacy":
+        cfg, extra = LOConfig(**{**LEARNED, "nominal": "adam", "output_init_scale": 0.1}), {}
+    else:  # controller, fraction of training (T = total_steps), rms step scale
+        cfg, extra = LOConfig(hidden_width=16, output_init_scale=0.1), {"total_steps": 8}
     theta = LearnedOptimizer(cfg).init_theta(3)
 
     def model():
@@ -568,9 +582,9 @@ def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls):
         return losses
 
     m_ref, m_k = model(), model()
-    o_ref = LearnedOptimizerTorch(m_ref.parameters(), lopt=cfg, theta=theta, kernels=False)
+    o_ref = LearnedOptimizerTorch(m_ref.parameters(), lopt=cfg, theta=theta, kernels=False, **extra)
     o_k = LearnedOptimizerTorch(m_k.parameters(), lopt=cfg, theta=theta, kernels=True,
-                                kernel_precision="ieee")
+                                kernel_precision="ieee", **extra)
     l_ref, l_k = train(m_ref, o_ref, 3), train(m_k, o_k, 3)
     assert kernel_calls == [True] * 3  # in place, one bucket per step
     torch.testing.assert_close(torch.tensor(l_k), torch.tensor(l_ref), rtol=1e-5, atol=1e-7)
@@ -584,7 +598,8 @@ def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls):
     saved = {k: v.clone() for k, v in flatten({str(i): s for i, s in sd["state"].items()}).items()}
     m_2 = model()
     m_2.load_state_dict(m_k.state_dict())
-    o_2 = LearnedOptimizerTorch(m_2.parameters(), lopt=cfg, theta=theta, kernels=True, kernel_precision="ieee")
+    o_2 = LearnedOptimizerTorch(m_2.parameters(), lopt=cfg, theta=theta, kernels=True, kernel_precision="ieee",
+                                **extra)
     o_2.load_state_dict(sd)
     l_2 = train(m_2, o_2, 2)
     for k, v in flatten({str(i): s for i, s in sd["state"].items()}).items():
@@ -602,17 +617,21 @@ def test_dispatch_torch_optim_trains_like_pytorch(kernel_calls):
 
 
 # ---- differentiable step (kernels.lo_step_autograd: reference backward) ---------------------------------
+# the default design (controller, fraction-of-training time features), small; the step scale "width"
+# (a constant per matrix, exp(vector_log_lr) for vectors): the default "rms" scale is a function of p
+# that deliberately passes no gradient to p, which finite differences would see
 AUTOGRAD_CFG = {"nominal": "adam", "output_init_scale": 1.0, "hidden_width": 16, "hidden_layers": 1,
-                "time_taus": (3.0, 30.0)}
+                "time_fractions": (0.1, 0.5, 0.9), "step_scale": "width", "width_ref": 2, "scale_power": 0.7}
 
 
 def _autograd_problem(dtype):
     cfg = LOConfig(**AUTOGRAD_CFG)
     theta, params, state, grads = make_problem(cfg, shapes={"w": (3, 4), "b": (3,), "s": ()}, steps=1)
-    # smooth: no NaN / clip kinks, and no g == 0 (v == 0 makes the nominal term's sqrt(v) non-differentiable)
+    # smooth: no NaN / clip kinks, and no g == 0 (v == 0: safe_sqrt's derivative there is a convention)
     g = {k: v.clamp(-5, 5).nan_to_num(0.7) for k, v in grads().items()}
     cast = lambda d: {k: v.to(dtype) for k, v in d.items()}  # noqa: E731
-    state = {"step": state["step"], **{key: cast(state[key]) for key in ("m", "v", "row", "col")}}
+    state = {"step": state["step"], "horizon": state["horizon"],
+             **{key: cast(state[key]) for key in ("m", "v", "row", "col")}}
     return cfg, cast(theta), cast(params), state, cast(g)
 
 
@@ -629,7 +648,7 @@ def test_lo_step_autograd_reference_backward_gradcheck():
         d = {n: {**pools[n]} for n in pools}
         for (where, k), t in zip(names, leaves):
             d[where][k] = t
-        st = {"step": state["step"], **{key: d[key] for key in ("m", "v", "row", "col")}}
+        st = {"step": state["step"], "horizon": state["horizon"], **{key: d[key] for key in ("m", "v", "row", "col")}}
         new_p, new_s = lo_step_autograd(d["params"], d["grads"], st, d["theta"], cfg)
         return (*new_p.values(), *(t for key in ("m", "v", "row", "col") for t in new_s[key].values()))
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_kernels import LEARNED, TINY, assert_same_step, make_problem, needs_triton
+from test_kernels import HORIZON, LEARNED, TINY, assert_same_step, make_problem, needs_triton
 
 import kernels
 from kernels.lo_step_autograd import lo_step_autograd
@@ -42,7 +42,7 @@ def _leaves(theta, params, grads, state):
         return {k: v.detach().clone().requires_grad_() for k, v in d.items()}
 
     th, p, g = rg(theta), rg(params), rg(grads)
-    st = {"step": state["step"], **{key: rg(state[key]) for key in STATE_KEYS}}
+    st = {**state, **{key: rg(state[key]) for key in STATE_KEYS}}  # step (and horizon) as they are
     flat = {**{("theta", k): v for k, v in th.items()}, **{("params", k): v for k, v in p.items()},
             **{("grads", k): v for k, v in g.items()},
             **{(key, k): v for key in STATE_KEYS for k, v in st[key].items()}}
@@ -87,17 +87,18 @@ BWD_SHAPES = {"scalar": (), "bias": (7,), "long": (37,), "w": (5, 7), "tall": (4
 
 @needs_triton
 @pytest.mark.parametrize("cfg", [
+    LOConfig(hidden_width=16, output_init_scale=1.0),
     LOConfig(**{**LEARNED, "nominal": "adam"}, hidden_width=16),
     LOConfig(**LEARNED, features=("fac_mom", "momentum", "grad", "rsqrt_col", "row", "param"),
              momentum_decays=(0.5, 0.9), adafactor_decays=(0.99,), hidden_layers=1, hidden_width=16),
     LOConfig(**LEARNED, hidden_layers=3, hidden_width=16, rms_decay=0.95, time_taus=(10.0, 100.0),
              adafactor_decays=(0.9, 0.99)),
-], ids=["adam-2layers", "subset-1layer", "3layers"])
+], ids=["default", "adam-2layers", "subset-1layer", "3layers"])
 def test_triton_backward_equals_reference(cfg):
     """Every gradient (theta, params, grads incl. NaN / inf / clipped entries, m, v, row, col)."""
     theta, params, state, grads = make_problem(cfg, shapes=BWD_SHAPES, steps=1)
     g = grads()
-    if cfg.nominal == "adam":  # keep v > 0 (sqrt(v) at 0 has an infinite derivative in both paths)
+    if cfg.nominal == "adam":  # finite gradients: NaN inputs give NaN input gradients (as autograd)
         g = {k: v.nan_to_num(0.5) for k, v in g.items()}
         g["bias"][1] = 2e3  # still clipped (zero gradient), but finite
     ref, out_ref = _grads_of(theta, params, g, state, cfg, "reference")
@@ -198,7 +199,7 @@ def _tbptt_theta_grad(lopt, theta, kernels_flag, steps=3):
     y = torch.randn(12, 3, generator=gen)
     params = {"w": torch.randn(5, 3, generator=gen) * 0.3, "b": torch.zeros(3)}
     th = {k: v.detach().clone().requires_grad_() for k, v in theta.items()}
-    opt = lopt.bind(th, kernels=kernels_flag, precision="ieee")
+    opt = lopt.bind(th, kernels=kernels_flag, precision="ieee", total_steps=HORIZON)
     state = opt.init(params)
 
     def loss_fn(p):
@@ -234,10 +235,11 @@ def test_tbptt_unroll_kernel_path_equals_reference(monkeypatch):
     cfg = LOConfig(hidden_width=16, output_init_scale=0.3)
     lopt = LearnedOptimizer(cfg)
     theta = lopt.init_theta(2)
-    theta["nominal_time_w"] = torch.linspace(-0.2, 0.2, len(cfg.time_taus))
+    theta["nominal_time_w"] = torch.linspace(-0.2, 0.2, cfg.num_time_features)
+    theta["vector_log_lr"] = torch.tensor(0.3)
     ml_ref, g_ref = _tbptt_theta_grad(lopt, theta, False)
     assert calls == {"fwd": 0, "bwd": 0}
-    bound = lopt.bind({k: v.requires_grad_() for k, v in theta.items()}, kernels=True)
+    bound = lopt.bind({k: v.requires_grad_() for k, v in theta.items()}, kernels=True, total_steps=HORIZON)
     p = {"w": torch.zeros(5, 3), "b": torch.zeros(3)}
     assert "autograd" in bound.kernel_reason(p, bound.init(p), p)  # the in-place torch.optim question
     assert bound.kernel_reason(p, bound.init(p), p, differentiable=True) is None  # update's question
@@ -259,12 +261,18 @@ def _stack(ds):
 
 
 def _population(cfg, shapes, pop, shared_step=False):
-    probs = [make_problem(cfg, shapes=shapes, seed=j, steps=1 + j % 2) for j in range(pop)]
+    """P problems; member j runs for T = HORIZON + 7 j steps where the config sees t / T (a shared T
+    with ``shared_step``)."""
+    probs = [make_problem(cfg, shapes=shapes, seed=j, steps=1 + j % 2, horizon=HORIZON + (0 if shared_step else 7 * j))
+             for j in range(pop)]
     thetas = _stack([p[0] for p in probs])
     params = _stack([p[1] for p in probs])
     steps = torch.stack([p[2]["step"] for p in probs])
     state = {"step": steps[0] if shared_step else steps,
              **{key: _stack([p[2][key] for p in probs]) for key in STATE_KEYS}}
+    if "horizon" in probs[0][2]:
+        horizons = torch.stack([p[2]["horizon"] for p in probs])
+        state["horizon"] = horizons[0] if shared_step else horizons
     grads = _stack([p[3]() for p in probs])
     return thetas, params, state, grads
 
@@ -290,6 +298,8 @@ def test_population_equals_per_member_reference(pop, shared_step):
 
         st = {"step": state["step"] if shared_step else state["step"][j],
               **{key: {k: v[j] for k, v in state[key].items()} for key in STATE_KEYS}}
+        if "horizon" in state:
+            st["horizon"] = state["horizon"] if shared_step else state["horizon"][j]
         one = lo_step_reference({k: v[j] for k, v in params.items()}, {k: v[j] for k, v in grads.items()}, st,
                                 {k: v[j] for k, v in thetas.items()}, cfg)
         for k in params:
@@ -381,8 +391,10 @@ def test_gpu_check_script_passes_every_case_through_the_interpreter():
              "w3": (3, 2, 5), "conv": (4, 3, 3, 3), "big": (16, 24), "vec": (101,)}
     assert set(small) == set(chk.SHAPES)
     lines: list[str] = []
-    failed = chk.run_all("cpu", shapes=small, lt=lt, out=lines.append)
+    failed = chk.run_all("cpu", shapes=small, lt=lt, out=lines.append, steps=1)  # 1 step per forward case: time
     records = [json.loads(line) for line in lines]
-    assert [r["case"] for r in records[:4]] == ["backward", "population"] * 2
-    assert len(records) == 4 + 6 and failed == 0, records
+    assert [r["case"] for r in records[:5]] == ["backward"] * 2 + ["backward-legacy"] + ["population"] * 2
+    assert {r["case"] for r in records[5:]} >= {"default", "default-bf16", "normalized", "width-no-time"}
+    assert len(records) == 5 + 9 and failed == 0, records
+    assert all(r["finite"] for r in records[:3]), records
     assert all(r["ok"] and "error" not in r for r in records), records

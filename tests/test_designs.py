@@ -1,0 +1,224 @@
+"""The learned-optimizer designs of LOConfig (controller, normalized, legacy additive), their time and
+step-scale options, and task augmentation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optimizers.hand import Adam
+from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig, time_features
+from tasks import build_task, get_distribution, seeded
+
+LEGACY = dict(design="additive", time_features="absolute", step_scale="none")
+
+
+def _params(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(6, 5, generator=g, dtype=torch.float64) * 0.3,
+            "b": torch.zeros(5, dtype=torch.float64)}
+
+
+def _grads(seed: int) -> dict:
+    g = torch.Generator().manual_seed(100 + seed)
+    return {"w": torch.randn(6, 5, generator=g, dtype=torch.float64),
+            "b": torch.randn(5, generator=g, dtype=torch.float64)}
+
+
+def test_old_configs_load_as_the_legacy_design():
+    cfg = LOConfig.from_dict({"hidden_width": 16, "hidden_layers": 1})
+    assert (cfg.design, cfg.time_features, cfg.step_scale) == ("additive", "absolute", "none")
+    assert LOConfig.from_dict(LOConfig().to_dict()) == LOConfig()  # new configs round-trip
+
+
+@pytest.mark.parametrize("bad", [dict(design="magic"), dict(time_features="clock"), dict(step_scale="big"),
+                                 dict(design="controller", nominal="none"), dict(controller_bound=0.0),
+                                 dict(rms_ref=float("nan")), dict(width_ref=0)])
+def test_bad_design_settings_are_config_errors(bad):
+    with pytest.raises(ConfigError):
+        LOConfig(**bad)
+
+
+def test_fraction_design_needs_total_steps():
+    lopt = LearnedOptimizer(LOConfig())
+    with pytest.raises(ValueError, match="total_steps"):
+        lopt.bind(lopt.init_theta(0)).init(_params())
+    state = lopt.bind(lopt.init_theta(0), total_steps=50).init(_params())
+    assert float(state["horizon"]) == 50.0
+
+
+def test_fraction_features_depend_only_on_the_fraction():
+    cfg = LOConfig()
+    a = time_features(torch.tensor(20.0), torch.tensor(200.0), cfg)
+    b = time_features(torch.tensor(200.0), torch.tensor(2000.0), cfg)
+    assert torch.allclose(a, b)
+    assert a.shape == (len(cfg.time_fractions),)
+
+
+@pytest.mark.parametrize("design", ["controller", "normalized"])
+def test_untrained_designs_start_as_adam_on_the_nominal_schedule(design):
+    """With the MLP's output layer at zero (controller: exp(0) = 1; normalized: mix = 0) the step is
+    Adam's with the nominal learning rate, for step_scale none."""
+    cfg = LOConfig(design=design, step_scale="none", time_features="none")
+    lopt = LearnedOptimizer(cfg)
+    theta = lopt.init_theta(0)
+    theta = {k: torch.zeros_like(v) if k.startswith("w") else v for k, v in theta.items()}
+    if design == "normalized":
+        theta["mix"] = torch.zeros(())
+    opt, adam = lopt.bind(theta), Adam(lr=cfg.nominal_lr)
+    p, q = _params(), _params()
+    s, sa = opt.init(p), adam.init(q)
+    for t in range(4):
+        p, s = opt.update(_grads(t), s, p)
+        q, sa = adam.update(_grads(t), sa, q)
+    for k in p:
+        torch.testing.assert_close(p[k], q[k], rtol=1e-6, atol=1e-9)
+
+
+def test_width_scale_gives_wider_layers_proportionally_smaller_steps():
+    cfg = LOConfig(step_scale="width", time_features="none", output_init_scale=0.0)
+    lopt = LearnedOptimizer(cfg)
+    opt = lopt.bind(lopt.init_theta(0))
+    narrow, wide = torch.zeros(64, 10), torch.zeros(512, 10)
+    g = torch.ones(512, 10)
+    (pn,), (pw,) = (opt.update({"w": g[:64]}, opt.init({"w": narrow}), {"w": narrow})[0].values(),
+                    opt.update({"w": g}, opt.init({"w": wide}), {"w": wide})[0].values())
+    ratio = float(pw.abs().mean() / pn.abs().mean())
+    assert ratio == pytest.approx(64 / 512, rel=1e-5)
+
+
+@pytest.mark.parametrize("design", ["additive", "controller", "normalized"])
+@pytest.mark.parametrize("scale", ["none", "rms", "width"])
+def test_meta_gradient_is_finite_with_a_parameter_that_never_has_a_gradient(design, scale):
+    """v = 0 for a parameter whose gradient is always 0: sqrt's infinite derivative gave NaN here."""
+    cfg = LOConfig(design=design, step_scale=scale, hidden_width=8)
+    lopt = LearnedOptimizer(cfg)
+    theta = {k: v.double().requires_grad_() for k, v in lopt.init_theta(0).items()}
+    opt = lopt.bind(theta, total_steps=10)
+    p = _params()
+    s = opt.init(p)
+    for t in range(3):
+        g = _grads(t)
+        g["b"] = torch.zeros_like(g["b"])
+        p, s = opt.update(g, s, p)
+    loss = (p["w"] ** 2).sum() + p["b"].sum()
+    grads = torch.autograd.grad(loss, list(theta.values()), allow_unused=True)
+    assert all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads)
+
+
+@pytest.mark.parametrize("design", ["controller", "normalized"])
+def test_designs_meta_gradient_matches_finite_differences(design):
+    cfg = LOConfig(design=design, hidden_width=4, hidden_layers=1, output_init_scale=1.0, step_scale="rms")
+    lopt = LearnedOptimizer(cfg)
+    theta = {k: v.double() for k, v in lopt.init_theta(3).items()}
+
+    def run(th):
+        opt = lopt.bind(th, total_steps=6)
+        p = _params(1)
+        s = opt.init(p)
+        for t in range(3):
+            p, s = opt.update(_grads(t), s, p)
+        return (p["w"] ** 2).sum() + (p["b"] ** 2).sum()
+
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    grads = dict(zip(leaves, torch.autograd.grad(run(leaves), list(leaves.values()))))
+    for name in ("nominal_log_lr", "w1", "vector_log_lr"):
+        direction = torch.randn(theta[name].shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        eps = 1e-6
+        plus = {**theta, name: theta[name] + eps * direction}
+        minus = {**theta, name: theta[name] - eps * direction}
+        fd = float((run(plus) - run(minus)) / (2 * eps))
+        assert float((grads[name] * direction).sum()) == pytest.approx(fd, rel=1e-4, abs=1e-8)
+
+
+def test_evaluate_runs_horizon_aware_optimizers_once_per_horizon():
+    """At each horizon the result is that of a run whose T is that horizon."""
+    from meta.evaluate import _run_task
+    from torch.func import grad_and_value
+
+    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    opt = lopt.bind(lopt.init_theta(0))
+    dist = get_distribution("digits_mlp")
+    task = dist.task("held_out", 0)
+    rec = _run_task(task, {"lo": opt}, {"adam": [1e-3]}, {"H": 4, "3H": 12}, [0, 4, 12], seed=0, ema=0.9)
+    for label, T in (("H", 4), ("3H", 12)):
+        gen = seeded("evaluate", 0, task.seed)
+        run = opt.with_total_steps(T)
+        p = task.init_default()
+        s = run.init(p)
+        gv = grad_and_value(task.loss)
+        for t in range(T):
+            g, _ = gv(p, task.sample_batch("train", gen))
+            p, s = run.update(g, s, p)
+        with torch.no_grad():
+            want = float(task.normalizer(task.loss(p, task.full_batch("train"))))
+        assert rec["results"]["lo"][label]["train_loss"] == pytest.approx(want, rel=1e-5)
+
+
+# ---- augmentation ---------------------------------------------------------------------------------
+def _mlp_config(**augment) -> dict:
+    cfg = get_distribution("digits_mlp").config("meta_train", 0)
+    return {**cfg, "augment": augment} if augment else cfg
+
+
+@pytest.mark.parametrize("reparam", [10.0, [0.1, 3.0, 7.0, 0.5]])
+def test_reparameterised_task_is_the_same_function_with_scaled_gradients(reparam):
+    plain, aug = build_task(_mlp_config()), build_task(_mlp_config(reparam=reparam))
+    p = plain.init_default()
+    q = aug.init_default()
+    scales = aug.scales
+    for k in p:
+        torch.testing.assert_close(q[k] * scales[k], p[k])
+    batch = plain.full_batch("train")
+    gp = torch.func.grad(plain.loss)(p, batch)
+    gq = torch.func.grad(aug.loss)(q, batch)
+    torch.testing.assert_close(aug.loss(q, batch), plain.loss(p, batch))
+    for k in p:
+        torch.testing.assert_close(gq[k], gp[k] * scales[k], rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_noise_is_additive_and_absent_from_evaluation_batches():
+    sigma = 0.05
+    plain, aug = build_task(_mlp_config()), build_task(_mlp_config(grad_noise=sigma))
+    p = plain.init_default()
+    batch = aug.sample_batch("train", torch.Generator().manual_seed(0))
+    inner, noise = batch[: len(batch) - len(aug.names)], batch[len(batch) - len(aug.names):]
+    g_aug = torch.func.grad(aug.loss)(p, batch)
+    g_plain = torch.func.grad(plain.loss)(p, inner)
+    for k, e in zip(aug.names, noise):
+        torch.testing.assert_close(g_aug[k], g_plain[k] + sigma * e)
+    full = aug.full_batch("train")
+    torch.testing.assert_close(aug.loss(p, full), plain.loss(p, full))
+    assert len(aug.sample_batch("valid", torch.Generator().manual_seed(0))) == len(inner)
+
+
+def test_augmented_distribution_is_deterministic_and_old_digests_are_unchanged():
+    broad = get_distribution("broad")
+    cfgs = [broad.config("meta_train", i) for i in range(40)]
+    assert cfgs == [broad.config("meta_train", i) for i in range(40)]
+    assert any("augment" in c for c in cfgs) and any("augment" not in c for c in cfgs)
+    for c in cfgs[:10]:
+        task = build_task(c)
+        loss = task.loss(task.init_default(), task.full_batch("train"))
+        assert math.isfinite(float(loss))
+    # a distribution without augmentation hashes as before augmentation existed
+    assert get_distribution("digits_mlp").digest() == _digest_without_augment(get_distribution("digits_mlp"))
+
+
+def _digest_without_augment(dist) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps({"name": dist.name, "families": dist.families, "seed": dist.seed,
+                       "overrides": dist.overrides}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def test_bad_augment_entries_are_task_config_errors():
+    from tasks.base import TaskConfigError
+
+    for bad in ({"reparam": -1.0}, {"reparam": "x"}, {"grad_noise": float("inf")}, {"warp": 1}):
+        with pytest.raises(TaskConfigError):
+            build_task(_mlp_config(**bad))

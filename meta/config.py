@@ -39,6 +39,9 @@ class MetaConfig:
     grad_clip_value: float = 3.0  # element-wise meta-gradient clip (VeLO: +-3); 0 disables
     grad_clip_norm: float = 0.0  # global-norm clip; 0 disables
     seed: int = 0
+    # stop with an error (after a checkpoint) after this many consecutive outer steps in which no member
+    # gave a usable meta-gradient (every truncation non-finite); such steps leave theta unchanged
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         if self.estimator not in ("tbptt", "es", "pes"):
@@ -47,7 +50,7 @@ class MetaConfig:
             raise ConfigError(f"meta.schedule must be constant or log_uniform, got {self.schedule!r}")
         if self.meta_loss not in META_LOSSES:
             raise ConfigError(f"meta.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
-        for name in ("population", "truncation", "horizon", "min_horizon", "max_horizon", "pairs"):
+        for name in ("population", "truncation", "horizon", "min_horizon", "max_horizon", "pairs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)}")
         if self.min_horizon > self.max_horizon:

@@ -82,8 +82,15 @@ class Member:
 @dataclass
 class EstimatorState:
     members: list[Member]
-    nonfinite: int = 0  # total inner-loop non-finite events caught (task restarted each time)
+    # total non-finite events caught (non-finite inner losses / parameters, or a non-finite meta-gradient
+    # of a finite truncation): the member's contribution is dropped and its next episode starts
+    nonfinite: int = 0
     episodes_done: int = 0
+
+
+# why a member's truncation contributed no gradient (``info["nonfinite"]`` of ``member_estimate``)
+NONFINITE_LOSS = "loss"  # an inner loss, the meta-loss or the inner parameters became non-finite
+NONFINITE_GRAD = "grad"  # every loss finite, the meta-gradient estimate is not
 
 
 def _sum_trees(a: Tree | None, b: Tree) -> Tree:
@@ -135,7 +142,8 @@ class Estimator:
         if episode == 0 and self.desync:  # de-synchronise members: first episodes end at random times
             length = int(torch.randint(min(self.truncation, length), length + 1, (), generator=g))
         params = task.init(seeded("init", self.seed, i, episode))
-        opt_state = self.lopt.bind(theta).init(params)
+        # designs that see the fraction of training get the episode's length as their T
+        opt_state = self.lopt.bind(theta).init(params, total_steps=length)
         m = Member(cfg, episode, 0, length, params, opt_state, task=task)
         self._init_extra(theta, m)
         return m
@@ -170,6 +178,8 @@ class Estimator:
         return max(1, min(self.truncation, m.length - m.t))
 
     def _advance(self, theta: Params, state: EstimatorState, i: int, n: int, finite: bool) -> None:
+        """Move member ``i`` on by ``n`` inner steps; a non-finite truncation (``finite=False``) is
+        counted and, like a finished episode, replaced by the member's next episode."""
         m = state.members[i]
         m.t += n
         if not finite:
@@ -181,28 +191,40 @@ class Estimator:
     # -- estimate ---------------------------------------------------------------------------
     def member_estimate(self, theta: Params, state: EstimatorState, i: int, step: int
                         ) -> tuple[Tree | None, dict]:
+        """``(gradient or None, {"meta_loss", "inner_loss", "nonfinite"})``: a member whose gradient is
+        None contributes nothing (its losses are None too) and ``nonfinite`` says why (None,
+        :data:`NONFINITE_LOSS` or :data:`NONFINITE_GRAD`)."""
         raise NotImplementedError
 
     def estimate(self, theta: Params, state: EstimatorState, step: int,
                  member_ids: list[int] | None = None) -> tuple[Params, EstimatorState, dict]:
+        """Metrics: ``members_used`` (the gradient's member count, population-wide after
+        :attr:`reduce`; 0 means the gradient is all zeros and must not be applied), ``meta_loss`` /
+        ``inner_loss`` (means over this process's used members; None when it used none),
+        ``nonfinite_loss`` (truncations whose inner losses or parameters became non-finite),
+        ``nonfinite_grad`` (finite truncations whose meta-gradient was not), ``nonfinite`` (their sum)."""
         theta = detach(theta)
         total, count = None, 0
         metas, inners = [], []
-        nonfinite_before = state.nonfinite
+        bad = {NONFINITE_LOSS: 0, NONFINITE_GRAD: 0}
         for i in member_ids if member_ids is not None else range(len(state.members)):
             g, info = self.member_estimate(theta, state, i, step)
-            if info["meta_loss"] is not None:
-                metas.append(info["meta_loss"])
-                inners.append(info["inner_loss"])
+            if info.get("nonfinite") is not None:
+                bad[info["nonfinite"]] += 1
             if g is not None:
                 total, count = _sum_trees(total, g), count + 1
+                metas.append(info["meta_loss"])
+                if info["inner_loss"] is not None:
+                    inners.append(info["inner_loss"])
         total, count = self.reduce(total if total is not None else tree_map(torch.zeros_like, theta), count)
         grad = tree_map(lambda t: t / max(count, 1), total)
         metrics = {
-            "meta_loss": float(sum(metas) / max(len(metas), 1)),
-            "inner_loss": float(sum(inners) / max(len(inners), 1)),
+            "meta_loss": float(sum(metas) / len(metas)) if metas else None,
+            "inner_loss": float(sum(inners) / len(inners)) if inners else None,
             "members_used": count,
-            "nonfinite": state.nonfinite - nonfinite_before,
+            "nonfinite": bad[NONFINITE_LOSS] + bad[NONFINITE_GRAD],
+            "nonfinite_loss": bad[NONFINITE_LOSS],
+            "nonfinite_grad": bad[NONFINITE_GRAD],
             "episodes_done": state.episodes_done,
         }
         return grad, state, metrics
@@ -240,13 +262,14 @@ class TruncatedBackprop(Estimator):
         n = self.steps_this_truncation(m)
         train, valid = self.batches(i, m, n)
         g, (ml, (params, opt_state, losses)) = self._grad(task, theta, m, train, valid)
-        finite = (bool(torch.isfinite(ml)) and bool(torch.isfinite(losses).all()) and all_finite(params)
-                  and all_finite(g))
+        finite = bool(torch.isfinite(ml)) and bool(torch.isfinite(losses).all()) and all_finite(params)
+        grad_finite = all_finite(g)
         m.params, m.opt_state = detach(params), detach(opt_state)
-        self._advance(theta, state, i, n, finite)
-        if not finite:  # counted and restarted in _advance; contributes no gradient
-            return None, {"meta_loss": None, "inner_loss": None}
-        return g, {"meta_loss": float(ml), "inner_loss": float(losses[-1].detach())}
+        self._advance(theta, state, i, n, finite and grad_finite)
+        if not (finite and grad_finite):  # counted and restarted in _advance; contributes no gradient
+            return None, {"meta_loss": None, "inner_loss": None,
+                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS}
+        return g, {"meta_loss": float(ml), "inner_loss": float(losses[-1].detach()), "nonfinite": None}
 
 
 class TruncatedES(Estimator):
@@ -308,8 +331,22 @@ class TruncatedES(Estimator):
         ml, finite = self._clean(task, ml, losses)
         direction = self._carry(m, params, opt_state, eps)
         finite = finite and all_finite(m.params)
-        self._advance(theta, state, i, n, finite)
-        return self._grad(ml, direction), {"meta_loss": float(ml.mean()), "inner_loss": float(losses[:, -1].mean())}
+        g = self._grad(ml, direction)
+        grad_finite = all_finite(g)
+        self._advance(theta, state, i, n, finite and grad_finite)
+        if not grad_finite:
+            return None, {"meta_loss": None, "inner_loss": None,
+                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS}
+        if not finite and bool((ml == ml[0]).all()):
+            # every signed unroll scored the same (all diverged at once, each the worst meta-loss): the
+            # estimate is exactly zero, carries no information and would only dilute the others
+            return None, {"meta_loss": None, "inner_loss": None, "nonfinite": NONFINITE_LOSS}
+        # non-finite unrolls that differ from their partners still contribute (they score the worst
+        # value); the logged inner loss is the mean final loss of the finite ones (None: none finite)
+        last = losses[:, -1].detach()
+        last = last[torch.isfinite(last)]
+        return g, {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean()) if last.numel() else None,
+                   "nonfinite": None if finite else NONFINITE_LOSS}
 
 
 class PES(TruncatedES):

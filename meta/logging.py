@@ -48,13 +48,15 @@ class MetricsLogger:
         return self.wandb_run.id if self.wandb_run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """A missing value (None, e.g. ``meta_loss`` of a step with no usable member) is ``null`` in the
+        JSONL record and left out of the W&B row (a gap in the chart, not a zero)."""
         if not self.enabled:
             return
         record = {"step": step, **metrics}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            self.wandb_run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop JSONL records past the checkpoint so the file matches the run's state."""

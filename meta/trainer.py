@@ -3,7 +3,11 @@
 One outer step: the estimator advances the task population by one truncation and returns a
 meta-gradient; it is clipped; the outer optimizer (Adam by default, or a learned optimizer bound to
 its weights: the recursion point of Ouroboros) updates ``theta`` through the same
-``update(grads, state, params)`` call every optimizer in the project answers.
+``update(grads, state, params)`` call every optimizer in the project answers. A step in which no member
+gave a usable meta-gradient (``members_used == 0``, population-wide) applies no update (``theta`` and
+the outer state stay as they are) and logs ``meta_loss`` / ``inner_loss`` / ``grad_norm`` as missing
+(None); ``meta.max_bad_steps`` such steps in a row end the run with :class:`MetaTrainingError` after a
+checkpoint.
 
 A checkpoint holds every tensor of the run (``theta``, the outer optimizer's state, each member's
 inner parameters / optimizer state / PES accumulators) plus JSON (configs, step, each member's task
@@ -31,13 +35,18 @@ from meta import distributed as D
 from meta.config import MetaConfig, RunConfig
 from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorState, LogUniformSchedule, clip_meta_grad
 from optimizers import checkpoint as ckpt
-from optimizers.base import Optimizer
+from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
 from optimizers.learned import LearnedOptimizer
 from optimizers.tree import Params, flatten
 from tasks import get_distribution, seeded
 
 CHECKPOINT_DIR = "checkpoint"
+
+
+class MetaTrainingError(RuntimeError):
+    """Meta-training cannot go on (e.g. ``meta.max_bad_steps`` consecutive steps with no usable member);
+    the trainer wrote a checkpoint before raising it."""
 
 
 def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:
@@ -81,7 +90,8 @@ class MetaTrainer:
         self.lopt = LearnedOptimizer(cfg.lo)
         self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
         self.estimator = make_estimator(cfg.meta, self.lopt, self.dist)
-        self.outer = outer if outer is not None else make_outer_optimizer(cfg.meta)
+        # a learned outer optimizer that sees the fraction of training runs for meta.outer_steps
+        self.outer = for_horizon(outer if outer is not None else make_outer_optimizer(cfg.meta), cfg.meta.outer_steps)
         self.theta: Params = theta if theta is not None else self.lopt.init_theta(seeded("theta", cfg.meta.seed))
         self.theta0 = {k: v.clone() for k, v in self.theta.items()}
         self.outer_state = self.outer.init(self.theta)
@@ -92,6 +102,7 @@ class MetaTrainer:
             self.estimator.reduce = self._all_reduce_estimate
         self.est_state: EstimatorState = self.estimator.init(self.theta, self.member_ids if D.active() else None)
         self.step = 0
+        self.bad_steps = 0  # consecutive outer steps with no usable member (population-wide)
         self.wandb_id: str | None = None
 
     def _all_reduce_estimate(self, total: Params, count: int) -> tuple[Params, int]:
@@ -103,12 +114,16 @@ class MetaTrainer:
         return out["sum"], round(float(out["count"][0]))
 
     def _reduce_metrics(self, metrics: dict[str, Any]) -> None:
-        """Population-wide metrics on every rank (member-weighted means, summed counters)."""
-        n = self._local_count
-        s = D.all_reduce_scalars([metrics["meta_loss"] * n, metrics["inner_loss"] * n, n,
-                                  metrics["nonfinite"], metrics["episodes_done"]])
-        metrics.update(meta_loss=s[0] / max(s[2], 1), inner_loss=s[1] / max(s[2], 1), nonfinite=int(s[3]),
-                       episodes_done=int(s[4]))
+        """Population-wide metrics on every rank (member-weighted means, summed counters; a mean over no
+        member is None)."""
+        n = self._local_count if metrics["meta_loss"] is not None else 0
+        ni = n if metrics["inner_loss"] is not None else 0
+        s = D.all_reduce_scalars([(metrics["meta_loss"] or 0.0) * n, n, (metrics["inner_loss"] or 0.0) * ni, ni,
+                                  metrics["nonfinite"], metrics["nonfinite_loss"], metrics["nonfinite_grad"],
+                                  metrics["episodes_done"]])
+        metrics.update(meta_loss=s[0] / s[1] if s[1] else None, inner_loss=s[2] / s[3] if s[3] else None,
+                       nonfinite=int(s[4]), nonfinite_loss=int(s[5]), nonfinite_grad=int(s[6]),
+                       episodes_done=int(s[7]))
         # load balance: the step waits for the slowest shard
         hi, neg_lo = D.all_reduce_scalars([self._local_seconds, -self._local_seconds], "max")
         metrics.update(shard_seconds_max=hi, shard_seconds_min=-neg_lo)
@@ -122,9 +137,17 @@ class MetaTrainer:
                                                                 self.member_ids if sharded else None)
         if sharded:
             self._reduce_metrics(metrics)
-        grad, norm = clip_meta_grad(grad, self.cfg.meta.grad_clip_value or None, self.cfg.meta.grad_clip_norm or None)
-        self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta)
-        self.theta = {k: v.detach() for k, v in self.theta.items()}
+        if metrics["members_used"] == 0:
+            # no usable member anywhere (members_used is population-wide): the gradient is an empty
+            # average, so theta and the outer optimizer's state are left as they are; the step counts
+            self.bad_steps += 1
+            norm = None
+        else:
+            self.bad_steps = 0
+            grad, norm = clip_meta_grad(grad, self.cfg.meta.grad_clip_value or None,
+                                        self.cfg.meta.grad_clip_norm or None)
+            self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta)
+            self.theta = {k: v.detach() for k, v in self.theta.items()}
         self.step += 1
         metrics.update(grad_norm=norm, step_time=time.perf_counter() - t0)
         if "nominal_log_lr" in self.theta:
@@ -148,9 +171,21 @@ class MetaTrainer:
                 if logger is not None and main and self.step % self.cfg.log_every == 0:
                     logger.log(m, self.step)
                 bar.update(1)
-                bar.set_postfix(meta_loss=f"{m['meta_loss']:.4f}", inner=f"{m['inner_loss']:.3f}")
-                if self.step % every == 0 or self.step == total:
+                bar.set_postfix(meta_loss="-" if m["meta_loss"] is None else f"{m['meta_loss']:.4f}",
+                                inner="-" if m["inner_loss"] is None else f"{m['inner_loss']:.3f}")
+                saved = self.step % every == 0 or self.step == total
+                if saved:
                     self.save()
+                if self.bad_steps >= self.cfg.meta.max_bad_steps:
+                    path = self.checkpoint_path if saved else self.save()
+                    first = self.step - self.bad_steps + 1
+                    raise MetaTrainingError(
+                        f"no usable member for {self.bad_steps} consecutive outer steps (steps {first}-{self.step} "
+                        f"of {total}, meta.max_bad_steps={self.cfg.meta.max_bad_steps}): every member's "
+                        f"truncation had non-finite inner losses or a non-finite meta-gradient (last step: "
+                        f"nonfinite_loss={m['nonfinite_loss']}, nonfinite_grad={m['nonfinite_grad']}), so theta "
+                        f"was not updated. Checkpoint at step {self.step} written to {path}. Check the learned "
+                        f"optimizer's settings (e.g. lo.output_init_scale, lo.nominal_lr) or the task distribution")
                 D.maybe_inject_fault(self.step)  # test-only hook (OUROBOROS_TEST_FAULT); no-op otherwise
         finally:
             bar.close()
@@ -224,6 +259,7 @@ class MetaTrainer:
             "members": members,
             "nonfinite": nonfinite,
             "episodes_done": episodes_done,
+            "bad_steps": self.bad_steps,
             "wandb_id": self.wandb_id,
             "distribution_digest": self.dist.digest(),
         }
@@ -259,6 +295,7 @@ class MetaTrainer:
         self.est_state = EstimatorState(members, meta["nonfinite"] if first else 0,
                                         meta["episodes_done"] if first else 0)
         self.step = int(meta["step"])
+        self.bad_steps = int(meta.get("bad_steps", 0))  # older checkpoints: none recorded
         self.wandb_id = meta.get("wandb_id")
         return self
 

@@ -144,6 +144,7 @@ def test_nonfinite_inner_loss_is_caught_counted_and_restarted(cls, nan_family):
     st = est.init(theta)
     g, st, metrics = est.estimate(theta, st, 0)
     assert metrics["nonfinite"] == 2 and st.nonfinite == 2
+    assert metrics["nonfinite_loss"] == 2 and metrics["nonfinite_grad"] == 0  # the losses, not the gradient
     assert all(m.t == 0 and m.episode == 1 for m in st.members)  # restarted with a fresh episode
     assert all(torch.isfinite(v).all() for v in g.values())
 

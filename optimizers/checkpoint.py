@@ -130,3 +130,31 @@ def learned_optimizer_from(tensors: dict[str, Tensor], meta: dict[str, Any], pat
             f"checkpoint at {path}: weights {sorted(theta)} do not match the architecture {sorted(expected)}"
         )
     return lopt, theta
+
+
+def check_learned_optimizer(lopt, theta: dict[str, Tensor], path: str | Path = "<memory>") -> None:
+    """Raise ``CheckpointError`` unless ``theta`` can drive ``lopt``: the architecture's names and shapes,
+    floating-point and finite values, and a nominal log learning rate inside the range the update
+    clamps it to (outside it the weights cannot be what was meta-trained)."""
+    import torch
+
+    from optimizers.torch_optim import LOG_LR_RANGE, check_theta
+
+    try:
+        check_theta(lopt, theta)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint at {path}: {e}") from e
+    for k, v in theta.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"checkpoint at {path}: weight {k!r} has dtype {v.dtype}, not floating point")
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise CheckpointError(f"checkpoint at {path}: weight {k!r} has {bad} non-finite value(s)")
+    if "nominal_log_lr" in theta:
+        lo, hi = LOG_LR_RANGE
+        value = float(theta["nominal_log_lr"])
+        if not lo <= value <= hi:
+            raise CheckpointError(
+                f"checkpoint at {path}: nominal_log_lr={value:.3g} lies "
+                f"outside [{lo}, {hi}], the range the update clamps it to"
+            )

@@ -6,7 +6,7 @@ Code written around ``higher.innerloop_ctx`` works unchanged once the learned op
     higher_interop.register()          # done automatically if higher was imported before the optimizer
 
     theta = {k: v.requires_grad_() for k, v in lopt.init_theta(0).items()}
-    opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta)
+    opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta, total_steps=len(batches))
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
         for x, y in batches:
             diffopt.step(loss_fn(fmodel(x), y))
@@ -16,9 +16,12 @@ Code written around ``higher.innerloop_ctx`` works unchanged once the learned op
 The differentiable optimizer reads ``theta`` from the ``LearnedOptimizerTorch`` it was built from (by
 reference, so tensors with ``requires_grad`` are differentiated through), or from a ``theta=`` keyword
 given to ``higher.optim.get_diff_optim``; ``diffopt.theta`` may be reassigned between steps. It starts
-from a copy of the torch optimizer's state and global step, applies each group's ``lr`` multiplier and
-``weight_decay`` exactly as :class:`LearnedOptimizerTorch` does (``lr`` may be a differentiable tensor
-through higher's ``override``), and skips parameters whose gradient is ``None``.
+from a copy of the torch optimizer's state, global step and ``total_steps`` (designs that see the
+fraction of training need it: ``LearnedOptimizerTorch(..., total_steps=T)``), applies each group's
+``lr`` and ``weight_decay`` exactly as :class:`LearnedOptimizerTorch` does (the update scales by
+``lr / opt.lr_unit``, the learned learning rate read when the torch optimizer was built, so the default
+``lr`` leaves the functional update, and its meta-gradient, untouched; ``lr`` may be a differentiable
+tensor through higher's ``override``), and skips parameters whose gradient is ``None``.
 
 ``higher`` is imported lazily: ``import optimizers`` never imports it.
 """
@@ -30,8 +33,8 @@ from typing import Any
 import torch
 
 from optimizers.learned import LearnedOptimizer
-from optimizers.torch_optim import (LearnedOptimizerTorch, apply_group, check_theta, fresh_state, pack_state,
-                                    unpack_state)
+from optimizers.torch_optim import (LearnedOptimizerTorch, apply_group, check_theta, fresh_state, group_factors,
+                                    pack_state, unpack_state)
 
 _DIFF_CLASS: type | None = None
 
@@ -64,11 +67,14 @@ def _build_class(higher) -> type:
             check_theta(self.lopt, theta)
             self.theta: dict[str, torch.Tensor] = dict(theta)
             self.global_step: int = other.global_step
+            self.total_steps: int | None = other.total_steps
+            self.lr_unit: float = other.lr_unit
 
         def _update(self, grouped_grads, **kwargs: Any) -> None:
             track = self._track_higher_grads
             theta = self.theta if track else {k: v.detach() for k, v in self.theta.items()}
             bound_by_device: dict[torch.device, Any] = {}
+            horizon = self.total_steps if self.lopt.config.needs_total_steps else None
 
             def bound(device: torch.device):
                 if device not in bound_by_device:
@@ -82,7 +88,7 @@ def _build_class(higher) -> type:
                         continue
                     st = self.state[gi][pi]
                     if "v" not in st:
-                        st.update(fresh_state(bound(p.device), p))
+                        st.update(fresh_state(bound(p.device), p, horizon))
                     buckets.setdefault((p.device, st["v"].dtype), []).append((gi, pi, p, g))
             if not buckets:
                 return
@@ -90,7 +96,7 @@ def _build_class(higher) -> type:
             for (device, dtype), items in buckets.items():
                 params = {str(i): p for i, (_, _, p, _) in enumerate(items)}
                 grads = {str(i): g for i, (_, _, _, g) in enumerate(items)}
-                state = pack_state(t, dtype, [self.state[gi][pi] for gi, pi, _, _ in items])
+                state = pack_state(t, dtype, [self.state[gi][pi] for gi, pi, _, _ in items], horizon)
                 new_params, new_state = bound(device).update(grads, state, params)
                 for i, (gi, pi, p, _) in enumerate(items):
                     st = unpack_state(new_state, i)
@@ -98,9 +104,7 @@ def _build_class(higher) -> type:
                         st = {k: v.detach() for k, v in st.items()}
                     self.state[gi][pi] = st
                     group = self.param_groups[gi]
-                    group["params"][pi] = apply_group(
-                        p, new_params[str(i)], group["lr"], group.get("weight_decay", 0.0)
-                    )
+                    group["params"][pi] = apply_group(p, new_params[str(i)], *group_factors(group, self.lr_unit))
             self.global_step = t + 1
 
     DifferentiableLearnedOptimizer.__module__ = __name__

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 
 
 import pytest  # noqa: E402
@@ -16,6 +17,13 @@ from optimizers import LearnedOptimizer, LearnedOptimizerTorch, LOConfig  # noqa
 from optimizers import higher_interop  # noqa: E402
 
 K = 5
+T = 8  # total_steps of the inner runs (the default design sees t/T)
+
+# the default design (fraction-of-training time features) and the original one
+DESIGNS = {
+    "default": LOConfig(hidden_width=8, time_features="fraction"),
+    "legacy": LOConfig(hidden_width=8, design="additive", time_features="absolute", step_scale="none"),
+}
 
 
 def make_model(dtype=torch.float64, seed=0) -> nn.Module:
@@ -41,8 +49,14 @@ def make_theta(lopt: LearnedOptimizer, dtype=torch.float64, seed=3, scale=1.0):
     return {k: v.to(dtype).requires_grad_() for k, v in theta.items()}
 
 
+def torch_opt(params, lopt, theta, **kw):
+    if lopt.config.needs_total_steps:
+        kw.setdefault("total_steps", T)
+    return LearnedOptimizerTorch(params, lopt=lopt, theta=theta, **kw)
+
+
 def higher_meta_loss(model, lopt, theta, batches, **ctx_kw):
-    opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta)
+    opt = torch_opt(model.parameters(), lopt, theta)
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True, **ctx_kw) as (fmodel, diffopt):
         for x, y in batches[:-1]:
             diffopt.step(F.cross_entropy(fmodel(x), y))
@@ -52,7 +66,7 @@ def higher_meta_loss(model, lopt, theta, batches, **ctx_kw):
 
 def func_meta_loss(model, lopt, theta, batches):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    bound = lopt.bind(theta)
+    bound = lopt.bind(theta, total_steps=T)
     state = bound.init(params)
     for x, y in batches[:-1]:
         grads = torch.func.grad(lambda ps: F.cross_entropy(functional_call(model, ps, (x,)), y))(params)
@@ -69,9 +83,10 @@ def test_register_is_idempotent_and_mapped():
     assert higher.optim._opt_mapping[LearnedOptimizerTorch] is cls
 
 
-def test_meta_gradient_matches_torch_func():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_meta_gradient_matches_torch_func(design):
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS[design])
     model = make_model()
     batches = make_batches()
     theta = make_theta(lopt, scale=30.0)
@@ -97,9 +112,10 @@ def test_meta_gradient_matches_torch_func():
     assert grads_h[names.index("nominal_log_lr")].abs() > 0
 
 
-def test_meta_gradient_float32_close():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_meta_gradient_float32_close(design):
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS[design])
     model = make_model(torch.float32)
     batches = make_batches(torch.float32)
     theta = make_theta(lopt, torch.float32, scale=30.0)
@@ -111,22 +127,24 @@ def test_meta_gradient_float32_close():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_forward_trajectory_matches_torch_optimizer_with_groups():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_forward_trajectory_matches_torch_optimizer_with_groups(design):
     """With theta fixed, diffopt.step follows the same trajectory as LearnedOptimizerTorch.step,
-    including per-group lr multipliers, weight decay and continuing from an existing state."""
+    including per-group lr (absolute units), weight decay, total_steps (the run steps past T=4) and
+    continuing from an existing state."""
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS[design])
     theta = {k: v.detach() for k, v in make_theta(lopt, scale=10.0).items()}
     batches = make_batches(n=8)
 
     def groups(m):
-        return [{"params": m[0].parameters(), "lr": 0.5, "weight_decay": 1e-3},
+        return [{"params": m[0].parameters(), "lr": 3e-3, "weight_decay": 1e-1},
                 {"params": m[2].parameters()}]
 
     ref = make_model()
     model = make_model()
-    opt_ref = LearnedOptimizerTorch(groups(ref), lopt=lopt, theta=theta)
-    opt = LearnedOptimizerTorch(groups(model), lopt=lopt, theta=theta)
+    opt_ref = torch_opt(groups(ref), lopt, theta, total_steps=4)
+    opt = torch_opt(groups(model), lopt, theta, total_steps=4)
     # two warm-up steps with the torch optimizer on both, then higher continues on one of them
     for x, y in batches[:2]:
         for m, o in ((ref, opt_ref), (model, opt)):
@@ -139,6 +157,7 @@ def test_forward_trajectory_matches_torch_optimizer_with_groups():
         opt_ref.step()
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
         assert diffopt.global_step == 2
+        assert diffopt.total_steps == opt.total_steps and diffopt.lr_unit == opt.lr_unit
         for x, y in batches[2:]:
             diffopt.step(F.cross_entropy(fmodel(x), y))
         for a, b in zip(fmodel.parameters(), ref.parameters()):
@@ -148,10 +167,10 @@ def test_forward_trajectory_matches_torch_optimizer_with_groups():
 
 def test_track_higher_grads_false_builds_no_graph_to_theta():
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS["default"])
     model = make_model()
     theta = make_theta(lopt)
-    opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta)
+    opt = torch_opt(model.parameters(), lopt, theta)
     with higher.innerloop_ctx(model, opt, copy_initial_weights=True, track_higher_grads=False) as (fm, dopt):
         for x, y in make_batches(n=3)[:-1]:
             dopt.step(F.cross_entropy(fm(x), y))
@@ -161,11 +180,11 @@ def test_track_higher_grads_false_builds_no_graph_to_theta():
 
 def test_theta_keyword_overrides_optimizer_theta():
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS["default"])
     model = make_model()
     theta_opt = {k: v.detach() for k, v in make_theta(lopt, seed=0).items()}
     theta = make_theta(lopt, seed=5, scale=10.0)
-    opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta_opt)
+    opt = torch_opt(model.parameters(), lopt, theta_opt)
     fmodel = higher.patch.monkeypatch(model, copy_initial_weights=True)
     diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel, theta=theta)
     batches = make_batches(n=3)
@@ -179,24 +198,27 @@ def test_theta_keyword_overrides_optimizer_theta():
 
 
 def test_lr_override_is_differentiable():
-    """A group lr given through higher's ``override`` is a differentiable hyperparameter."""
+    """A group lr given through higher's ``override`` is a differentiable hyperparameter. (The legacy
+    design: step_scale="rms" scales steps by RMS(p.detach()), so autograd and finite differences differ
+    by that stop-gradient.)"""
     higher_interop.register()
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+    lopt = LearnedOptimizer(DESIGNS["legacy"])
     theta = {k: v.detach() for k, v in make_theta(lopt, scale=10.0).items()}
     batches = make_batches(n=4)
     model = make_model()
 
     def meta_loss(lr):
-        opt = LearnedOptimizerTorch(model.parameters(), lopt=lopt, theta=theta)
+        opt = torch_opt(model.parameters(), lopt, theta)
         with higher.innerloop_ctx(model, opt, copy_initial_weights=True, override={"lr": [lr]}) as (fm, dopt):
             for x, y in batches[:-1]:
                 dopt.step(F.cross_entropy(fm(x), y))
             return F.cross_entropy(fm(batches[-1][0]), batches[-1][1])
 
-    lr = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    lr0 = 2.0 * math.exp(float(theta["nominal_log_lr"]))  # twice the learned lr
+    lr = torch.tensor(lr0, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(meta_loss(lr), lr)
-    eps = 1e-6
-    fd = (meta_loss(torch.tensor(2.0 + eps, dtype=torch.float64))
-          - meta_loss(torch.tensor(2.0 - eps, dtype=torch.float64))) / (2 * eps)
+    eps = 1e-6 * lr0
+    fd = (meta_loss(torch.tensor(lr0 + eps, dtype=torch.float64))
+          - meta_loss(torch.tensor(lr0 - eps, dtype=torch.float64))) / (2 * eps)
     assert abs(float(g)) > 1e-8
     torch.testing.assert_close(g, fd.detach(), rtol=1e-5, atol=1e-10)

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 
 from optimizers import (SGD, Adam, ConfigError, LearnedOptimizer, LOConfig, Optimizer, adamw,  # noqa: E402
                         sgd_momentum)
+from optimizers.learned import tensor_step_scale  # noqa: E402
 from optimizers.tree import all_finite, stack, tree_map, unstack  # noqa: E402
 
 SHAPES = {"scalar": (), "vec": (5,), "mat": (4, 3), "conv": (3, 2, 3, 3)}
@@ -127,11 +128,17 @@ def _grads(kind, params, seed):
     return {k: torch.full_like(v, GRAD_KINDS[kind]) for k, v in params.items()}
 
 
+# the default design (controller, fraction-of-training time features, rms step scale) and the original
+LEGACY = dict(design="additive", time_features="absolute", step_scale="none")
+DESIGNS = {"default": {}, "legacy": LEGACY}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("kind", list(GRAD_KINDS))
-def test_learned_update_finite_and_bounded(kind):
-    lopt = LearnedOptimizer()
+def test_learned_update_finite_and_bounded(kind, design):
+    lopt = LearnedOptimizer(LOConfig(**DESIGNS[design]))
     c = lopt.config
-    opt = lopt.bind(lopt.init_theta(0))
+    opt = lopt.bind(lopt.init_theta(0), total_steps=10)
     params = make_params()
     state = opt.init(params)
     for step in range(3):
@@ -143,16 +150,19 @@ def test_learned_update_finite_and_bounded(kind):
         for k, p in params.items():
             delta = (new_params[k] - p).abs().max()
             assert delta <= c.max_update
-            # in practice (untrained weights): about the nominal Adam step plus a small learned term
-            assert delta <= 3 * c.nominal_lr + 5 * c.step_mult, (k, float(delta))
+            # in practice (untrained weights): about the nominal Adam step (times the tensor's step scale)
+            # plus a small learned term
+            scale = float(tensor_step_scale(p, c)) if c.step_scale != "none" and p.dim() >= 2 else 1.0
+            assert delta <= 3 * c.nominal_lr * scale + 5 * c.step_mult, (k, float(delta))
         params = new_params
 
 
-def test_learned_update_respects_max_update():
-    lopt = LearnedOptimizer(LOConfig(max_update=1e-4, nominal_lr=1.0))
+@pytest.mark.parametrize("design", DESIGNS)
+def test_learned_update_respects_max_update(design):
+    lopt = LearnedOptimizer(LOConfig(max_update=1e-4, nominal_lr=1.0, **DESIGNS[design]))
     theta = lopt.init_theta(0)
     theta["w2"] = theta["w2"] * 1e4  # a wild learned term
-    opt = lopt.bind(theta)
+    opt = lopt.bind(theta, total_steps=10)
     params = make_params(dtype=torch.float64)
     state = opt.init(params)
     for step in range(2):
@@ -165,7 +175,7 @@ def test_learned_update_respects_max_update():
 
 def test_feature_subset_and_no_nominal():
     lopt = LearnedOptimizer(LOConfig(features=("grad", "momentum", "fac_grad"), nominal="none",
-                                     hidden_width=4, hidden_layers=1, time_taus=(1.0, 10.0)))
+                                     hidden_width=4, hidden_layers=1, time_taus=(1.0, 10.0), **LEGACY))
     assert lopt.config.num_inputs == 1 + 3 + 3 + 2
     theta = lopt.init_theta(1)
     assert "nominal_log_lr" not in theta and theta["w0"].shape == (9, 4)
@@ -175,9 +185,10 @@ def test_feature_subset_and_no_nominal():
     assert all_finite(new_params)
 
 
-def test_learned_update_zero_element_tensor():
-    lopt = LearnedOptimizer()
-    opt = lopt.bind(lopt.init_theta(0))
+@pytest.mark.parametrize("design", DESIGNS)
+def test_learned_update_zero_element_tensor(design):
+    lopt = LearnedOptimizer(LOConfig(**DESIGNS[design]))
+    opt = lopt.bind(lopt.init_theta(0), total_steps=10)
     params = {"empty": torch.zeros(0, 3), "w": torch.randn(3)}
     grads = {k: torch.ones_like(v) for k, v in params.items()}
     new_params, _ = opt.update(grads, opt.init(params), params)
@@ -185,8 +196,9 @@ def test_learned_update_zero_element_tensor():
 
 
 # ---- learned optimizer: vmap over a population ---------------------------------------------------
-def test_learned_update_vmap_equals_loop():
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8))
+@pytest.mark.parametrize("design", DESIGNS)
+def test_learned_update_vmap_equals_loop(design):
+    lopt = LearnedOptimizer(LOConfig(hidden_width=8, **DESIGNS[design]))
     n = 3
     thetas = []
     for i in range(n):
@@ -198,7 +210,7 @@ def test_learned_update_vmap_equals_loop():
     grads = [[make_params(100 + 10 * i + s) for s in range(2)] for i in range(n)]
 
     def run(theta, p, gs):
-        opt = lopt.bind(theta)
+        opt = lopt.bind(theta, total_steps=10)
         state = opt.init(p)
         for g in gs:
             p, state = opt.update(g, state, p)
@@ -226,7 +238,7 @@ def _meta_loss(lopt, theta, steps=3):
 
     params = {"w": torch.randn(4, 3, generator=g, dtype=torch.float64) * 0.5,
               "b": torch.zeros(3, dtype=torch.float64)}
-    opt = lopt.bind(theta)
+    opt = lopt.bind(theta, total_steps=steps + 1)
     state = opt.init(params)
     for _ in range(steps):
         grads = torch.func.grad(loss_fn)(params)
@@ -234,16 +246,27 @@ def _meta_loss(lopt, theta, steps=3):
     return loss_fn(params)
 
 
-def test_learned_meta_gradient_matches_finite_differences():
-    lopt = LearnedOptimizer(LOConfig(hidden_width=8, nominal_lr=0.05, step_mult=0.05))
+# step_scale="rms" is left out: it scales steps by RMS(p.detach()), a stop-gradient that finite
+# differences see and autograd does not (optimizers.learned.tensor_step_scale)
+@pytest.mark.parametrize("fields", [LEGACY, dict(design="controller", time_features="fraction", step_scale="none"),
+                                    dict(design="normalized", time_features="fraction", step_scale="none")],
+                         ids=["legacy", "controller", "normalized"])
+def test_learned_meta_gradient_matches_finite_differences(fields):
+    lopt = LearnedOptimizer(LOConfig(hidden_width=8, nominal_lr=0.05, step_mult=0.05, **fields))
     theta = {k: v.double() for k, v in lopt.init_theta(2).items()}
     theta["w2"] = theta["w2"] * 50
     assert all(v.dtype == torch.float64 for v in theta.values())
     meta_grad = torch.func.grad(lambda th: _meta_loss(lopt, th))(theta)
     assert all_finite(meta_grad)
     eps = 1e-6
-    for name, index in [("w0", (0, 0)), ("w0", (20, 3)), ("b1", (2,)), ("w2", (5, 0)), ("b2", (1,)),
-                        ("nominal_log_lr", ())]:
+    checks = [("w0", (0, 0)), ("w0", (20, 3)), ("b1", (2,)), ("w2", (5, 0)), ("b2", (0,)), ("nominal_log_lr", ())]
+    if lopt.config.design == "additive":
+        checks.append(("b2", (1,)))  # the magnitude output (unused by the other designs)
+    if "mix" in theta:
+        checks.append(("mix", ()))
+    if "nominal_time_w" in theta:
+        checks.append(("nominal_time_w", (1,)))
+    for name, index in checks:
         plus = {k: v.clone() for k, v in theta.items()}
         minus = {k: v.clone() for k, v in theta.items()}
         plus[name][index] += eps

@@ -195,6 +195,6 @@ def test_cli_run_writes_checkpoint_results_and_plot(tmp_path):
     from optimizers import LearnedOptimizerTorch
 
     model = torch.nn.Linear(3, 2)
-    opt = LearnedOptimizerTorch.from_checkpoint(model.parameters(), out / "learned_optimizer")
+    opt = LearnedOptimizerTorch.from_checkpoint(model.parameters(), out / "learned_optimizer", total_steps=10)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()

@@ -5,6 +5,7 @@
     python train.py meta-train --preset smoke --out-dir runs/smoke
     python train.py meta-train --resume --out-dir runs/default      # continue an interrupted run
     python train.py evaluate --checkpoint runs/default/checkpoint
+    python train.py evaluate --checkpoint runs/default/checkpoint --suite generalisation   # out-of-distribution
     python train.py presets               # list presets and their settings
     torchrun --nproc-per-node 4 train.py meta-train --resume auto ...   # the same run on 4 processes
 
@@ -109,6 +110,35 @@ def _resume_mode(text: str) -> str:
     return text
 
 
+def _suite_tasks(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
+def _suite_factors(text: str) -> tuple[int, ...]:
+    from meta.generalisation import parse_factors
+
+    try:
+        return parse_factors(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _suite_groups(text: str) -> tuple[str, ...]:
+    from meta.generalisation import GROUP_NAMES
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [n for n in names if n not in GROUP_NAMES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown suite group(s) {bad or text!r}; groups: {','.join(GROUP_NAMES)}")
+    return names
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="default", help=PRESET_HELP)
     p.add_argument("--config", type=Path, help="JSON file with a run config (same keys as 'presets' prints)")
@@ -138,9 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="compare a learned optimizer with tuned Adam on held-out tasks",
                        description="Evaluate a learned-optimizer (or meta-training) checkpoint against Adam "
                                    "tuned on a learning-rate grid, SGD-momentum and the untrained learned "
-                                   "optimizer, at the meta-training horizon and at long_factor x that.")
+                                   "optimizer, at the meta-training horizon and at long_factor x that. "
+                                   "--suite generalisation: the learned optimizer against tuned Adam on "
+                                   "tasks outside the meta-training distribution instead (see --suite).")
     _common(p)
     p.add_argument("--checkpoint", type=Path, help="checkpoint directory (default OUT_DIR/checkpoint)")
+    p.add_argument("--suite", choices=["default", "generalisation"], default="default",
+                   help="'default': held-out tasks of the meta-training distribution (OUT_DIR/eval); "
+                        "'generalisation': tasks outside it - image MLPs 8x wider / 2x deeper than the trained "
+                        "ones, conv nets, linear/logistic regression, quadratics, tiny transformers (embedded "
+                        "and generated data) - at H and the --suite-factors multiples of H, against tuned Adam "
+                        "(eval.adam_lrs, eval.split, eval.seed, eval.horizon apply); writes "
+                        "OUT_DIR/eval/generalisation/results.{json,md}, ratios.png")
+    p.add_argument("--suite-tasks", type=_suite_tasks, default=None, metavar="N",
+                   help="generalisation suite: tasks per group (default 4)")
+    p.add_argument("--suite-factors", type=_suite_factors, default=None, metavar="F,...",
+                   help="generalisation suite: longer horizons as multiples of H, e.g. '10' (default) or "
+                        "'10,30' (30H costs about 3x the rest of the suite); '' for H only")
+    p.add_argument("--suite-groups", type=_suite_groups, default=None, metavar="G,...",
+                   help="generalisation suite: a subset of the groups wide,deep,image_conv,linear_regression,"
+                        "logistic_regression,quadratic,tiny_transformer (default all)")
     _add_config_flags(p)
 
     p = sub.add_parser(
@@ -225,7 +272,7 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently."""
     from meta import distributed as D
     from meta.logging import MetricsLogger
-    from meta.trainer import MetaTrainer, StopFlag
+    from meta.trainer import MetaTrainer, MetaTrainingError, StopFlag
     from optimizers import checkpoint as ckpt
     from optimizers.learned import ConfigError
 
@@ -264,7 +311,12 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
           f"{cfg.meta.outer_optimizer}", flush=True)
     t0 = time.time()
     with StopFlag() as stop:
-        trainer.train(progress=progress, logger=logger, should_stop=stop)
+        try:
+            trainer.train(progress=progress, logger=logger, should_stop=stop)
+        except MetaTrainingError:  # the trainer wrote a checkpoint first; close the W&B run, then report
+            if logger is not None:
+                logger.finish()
+            raise
     trainer.save()
     lo_path = trainer.save_learned_optimizer(out / "learned_optimizer")
     if logger is not None:
@@ -311,6 +363,42 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
     write_report(results, out)
     print((out / "results.md").read_text())
     print(f"[ouroboros] wrote {out}/results.json, results.md, curves.png in {time.time() - t0:.0f}s", flush=True)
+    return results
+
+
+def evaluate_suite(cfg, checkpoint: Path | None = None, *, tasks_per_group: int = 4,
+                   factors: tuple[int, ...] = (10,), groups: tuple[str, ...] | None = None,
+                   progress: bool = True) -> dict:
+    """``train.py evaluate --suite generalisation``: the trained learned optimizer vs tuned Adam on the
+    groups of :mod:`meta.generalisation`; writes OUT_DIR/eval/generalisation/."""
+    from meta import distributed as D
+    from meta.generalisation import run_suite, write_suite_report
+    from optimizers import checkpoint as ckpt
+    from tasks import get_distribution
+
+    path = Path(checkpoint) if checkpoint else Path(cfg.out_dir) / "checkpoint"
+    tensors, meta = D.load_checkpoint(path)  # under torchrun: rank 0 reads and broadcasts
+    lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
+    run_cfg = meta.get("run_config", {}).get("meta", {})
+    dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
+                            run_cfg.get("dist_seed", cfg.meta.dist_seed))
+    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    hz = ", ".join([str(horizon)] + [str(f * horizon) for f in factors])
+    print(f"[ouroboros] generalisation suite for {path} (meta-trained on '{dist.name}'): {tasks_per_group} "
+          f"'{cfg.eval.split}' task(s) per group at {hz} steps", flush=True)
+    t0 = time.time()
+    results = run_suite({"learned": lopt.bind(theta)}, dist, horizon, tasks_per_group=tasks_per_group,
+                        factors=factors, groups=groups, adam_lrs=cfg.eval.adam_lrs, split=cfg.eval.split,
+                        seed=cfg.eval.seed, progress=progress)
+    results["checkpoint"] = str(path)
+    if not D.is_main():  # every rank holds the same results; rank 0 alone writes them
+        return results
+    out = Path(cfg.out_dir) / "eval" / "generalisation"
+    write_suite_report(results, out)
+    print((out / "results.md").read_text())
+    print(f"[ouroboros] generalisation suite: {results['meta']['runtime_s']:.0f}s running "
+          f"({results['meta']['workers']} worker(s)), {time.time() - t0:.0f}s in all; wrote "
+          f"{out}/results.json, results.md, ratios.png", flush=True)
     return results
 
 
@@ -401,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.base import TaskConfigError
     from tasks.data import DatasetError
     from meta.lineage import LineageError
+    from meta.trainer import MetaTrainingError
     from meta import distributed as D
 
     stdout = sys.stdout
@@ -425,12 +514,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "run" and trainer.step >= cfg.meta.outer_steps:
                 evaluate_checkpoint(cfg, trainer.checkpoint_path, progress=progress)
         elif args.command == "evaluate":
-            evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
+            suite_opts = {"tasks_per_group": args.suite_tasks, "factors": args.suite_factors,
+                          "groups": args.suite_groups}
+            if args.suite == "generalisation":
+                evaluate_suite(cfg, args.checkpoint, progress=progress,
+                               **{k: v for k, v in suite_opts.items() if v is not None})
+            elif any(v is not None for v in suite_opts.values()):
+                raise ConfigError("--suite-tasks, --suite-factors and --suite-groups need --suite generalisation")
+            else:
+                evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
         elif args.command == "generations":
             generations(cfg, args, progress=progress)
     except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
         return 2
+    except MetaTrainingError as e:  # meta-training could not go on (its checkpoint is written)
+        print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
+        return 3
     finally:
         D.shutdown()  # also after an error (e.g. a peer died): no process is left waiting
         if sys.stdout is not stdout:

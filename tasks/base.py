@@ -113,6 +113,14 @@ def build_task(config: TaskConfig) -> Task:
     family = config.get("family")
     if family not in FAMILIES:
         raise TaskConfigError(f"unknown task family {family!r}; known: {sorted(FAMILIES)}")
+    augment = config.get("augment")
+    if augment:  # the same task seen through a reparameterisation / gradient noise (tasks/augment.py)
+        from tasks.augment import AugmentedTask
+
+        if not isinstance(augment, dict):
+            raise TaskConfigError(f"augment must be a JSON object, got {augment!r}")
+        inner = FAMILIES[family]().build({k: v for k, v in config.items() if k != "augment"})
+        return AugmentedTask(inner, augment, dict(config))
     return FAMILIES[family]().build(config)
 
 
@@ -144,6 +152,8 @@ class TaskDistribution:
     families: list[tuple[str, dict[str, Any], float]]  # (family name, family kwargs, weight)
     seed: int = 0
     overrides: dict[str, Any] = field(default_factory=dict)
+    # task augmentation: keyword arguments of tasks.augment.sample_augment (empty: none)
+    augment: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for fam, _, w in self.families:
@@ -171,6 +181,12 @@ class TaskDistribution:
         cfg.update(self.overrides)
         cfg["family"] = fam_name
         cfg["seed"] = seed
+        if self.augment:
+            from tasks.augment import sample_augment
+
+            aug = sample_augment(seed, **self.augment)
+            if aug:
+                cfg["augment"] = aug
         return cfg
 
     def task(self, split: str, index: int) -> Task:
@@ -181,8 +197,8 @@ class TaskDistribution:
 
     def digest(self) -> str:
         """Content hash of the distribution (lineage records which distribution trained what)."""
-        blob = json.dumps(
-            {"name": self.name, "families": self.families, "seed": self.seed, "overrides": self.overrides},
-            sort_keys=True,
-        )
+        spec = {"name": self.name, "families": self.families, "seed": self.seed, "overrides": self.overrides}
+        if self.augment:  # absent when unused, so older distributions keep their digests
+            spec["augment"] = self.augment
+        blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

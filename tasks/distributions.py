@@ -37,6 +37,18 @@ _SYNTHETIC = [
     ("tiny_transformer", {}, 1.0),
 ]
 
+# The broad meta-training distribution: image MLPs of very different widths (4..64) and depths (1..3),
+# conv nets, regression, quadratics and the tiny transformer, a quarter of the tasks reparameterised
+# (parameter scales 1e-2..1e2) and a tenth with additive gradient noise (tasks/augment.py).
+_BROAD = [
+    ("image_mlp", {"dataset": "digits", "min_width": 4, "max_width": 64, "min_depth": 1, "max_depth": 3}, 2.0),
+    ("image_conv", {"dataset": "digits", "max_channels": 16, "max_depth": 2}, 1.0),
+    ("regression", {}, 0.5),
+    ("quadratic", {}, 0.5),
+    ("tiny_transformer", {}, 0.5),
+]
+_BROAD_AUGMENT = {"reparam_prob": 0.25, "grad_noise_prob": 0.1}
+
 DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {
     "digits_mlp": lambda seed=0: TaskDistribution(
         "digits_mlp", [("image_mlp", {"dataset": "digits"}, 1.0)], seed=seed
@@ -47,6 +59,7 @@ DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {
     "sequence": lambda seed=0: TaskDistribution("sequence", [("tiny_transformer", {}, 1.0)], seed=seed),
     # everything that needs no files: image nets on digits plus the synthetic families
     "mixed": lambda seed=0: TaskDistribution("mixed", _DIGITS_MIXED + _SYNTHETIC, seed=seed),
+    "broad": lambda seed=0: TaskDistribution("broad", _BROAD, seed=seed, augment=dict(_BROAD_AUGMENT)),
     "mnist_mlp": _image_mlp("mnist_mlp", "mnist"),
     "fashion_mnist_mlp": _image_mlp("fashion_mnist_mlp", "fashion_mnist"),
     "cifar10_mlp": _image_mlp("cifar10_mlp", "cifar10"),

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Ablation of learned-optimizer designs at equal meta-training budget -> ``docs/ablation.md``.
+
+    python bench/ablation.py                          # every variant, cached per variant under runs/ablation/
+    python bench/ablation.py --variants legacy,controller --jobs 2
+    python bench/ablation.py --report-only            # rebuild docs/ablation.md from what is there
+
+For each variant (a set of ``--lo.*`` / ``--meta.*`` overrides on ``--preset default``) it runs, each
+step cached (a finished step is never redone, so an interrupted sweep resumes):
+
+1. ``train.py meta-train`` (the default preset's budget: 400 outer steps of truncated backprop);
+   the meta-training CPU time is the child process's user + system time (``resource``), the wall time
+   is logged too;
+2. ``train.py evaluate``: 20 held-out tasks of the default distribution at H and 10H against per-task
+   tuned Adam (training and validation loss);
+3. ``train.py evaluate --suite generalisation`` (tasks outside the meta-training distribution);
+4. the governor's loop check (``meta.governor``): a fresh learned optimizer meta-trained for
+   ``gov.loop_steps`` outer steps by the variant (as the outer optimizer) and by Adam, both scored on
+   held-out tasks; the score is the mean of (by variant - by Adam) log-loss ratios (negative: the
+   variant trains learned optimizers better than Adam does).
+
+The table reports, per variant, mean log-loss ratios vs tuned Adam (``log(L / L_adam)`` of normalised
+final losses, floored as the governor does) with 95% t-intervals; negative is better than tuned Adam.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LEGACY = {"lo.design": "additive", "lo.time_features": "absolute", "lo.step_scale": "none"}
+VARIANTS: dict[str, dict[str, str]] = {
+    # the original design (additive MLP term of fixed size, absolute time features), NaN fix included
+    "legacy": dict(LEGACY),
+    # nominal controller, fraction-of-training time, width-aware steps (muP-style 1/width)
+    "controller": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width"},
+    "controller_rms": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "rms"},
+    "controller_nowidth": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "none"},
+    "normalized": {"lo.design": "normalized", "lo.time_features": "fraction", "lo.step_scale": "width"},
+    "controller_logu": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width",
+                        "meta.schedule": "log_uniform", "meta.min_horizon": "100", "meta.max_horizon": "2000"},
+}
+
+
+def _flags(overrides: dict[str, str]) -> list[str]:
+    return [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+
+
+def _run(cmd: list[str], log: Path) -> dict:
+    """Run ``cmd`` and return its wall and CPU seconds (this child alone, via wait4)."""
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {code}; see {log}")
+    return {"wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def run_variant(name: str, overrides: dict[str, str], root: Path, suite: bool, loop: bool) -> dict:
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "ablation.log"
+    done_path = out / "ablation_steps.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    py = [sys.executable, str(ROOT / "train.py")]
+    common = ["--preset", "default", "--out-dir", str(out), "--wandb", "disabled", "--quiet", *_flags(overrides)]
+    if "meta_train" not in done:
+        done["meta_train"] = _run(py + ["meta-train", "--resume", "auto", *common], log)
+        done_path.write_text(json.dumps(done, indent=1))
+    if "evaluate" not in done:
+        done["evaluate"] = _run(py + ["evaluate", *common], log)
+        done_path.write_text(json.dumps(done, indent=1))
+    if suite and "suite" not in done:
+        done["suite"] = _run(py + ["evaluate", "--suite", "generalisation", *common], log)
+        done_path.write_text(json.dumps(done, indent=1))
+    if loop and "loop" not in done:
+        t0 = time.time()
+        score = loop_score(out)
+        (out / "loop.json").write_text(json.dumps(score, indent=1))
+        done["loop"] = {"wall_s": time.time() - t0}
+        done_path.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def loop_score(out: Path) -> dict:
+    """The governor's loop check for the checkpoint in ``out`` against Adam as the outer optimizer."""
+    import torch
+
+    from meta.config import RunConfig
+    from meta.generations import LoopTrainer, outer_scale
+    from meta.governor import Candidate, Governor
+    from optimizers import checkpoint as ckpt
+    from tasks import get_distribution
+
+    torch.set_num_threads(1)
+    tensors, meta = ckpt.load(out / "checkpoint")
+    cfg = RunConfig.from_dict(meta["run_config"])
+    lopt, theta = ckpt.learned_optimizer_from(tensors, meta, out / "checkpoint")
+    dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
+    loop = LoopTrainer(cfg, cfg.lo, seed=cfg.meta.seed + 7919)
+    gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop)
+    cand = Candidate("variant", lopt, theta, horizon=cfg.meta.horizon, outer_scale=outer_scale(cfg, lopt.config))
+    ev = gov._loop_evidence(cand, None)
+    diffs = [a - b for a, b in zip(ev["by_candidate"], ev["by_incumbent"])]
+    return {"diffs": diffs, **_ci(diffs), "finite": ev["finite"], "loop_steps": cfg.gov.loop_steps,
+            "loop_tasks": cfg.gov.loop_tasks}
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def _ci(xs: list[float]) -> dict:
+    from meta import stats
+
+    ci = stats.mean_ci(xs, 0.95, "t")
+    return {"mean": ci["mean"], "lo": ci["lo"], "hi": ci["hi"], "n": len(xs)}
+
+
+def _fmt(ci: dict | None) -> str:
+    if not ci or ci.get("mean") is None:
+        return "-"
+    if ci.get("lo") is None:
+        return f"{ci['mean']:+.3f}"
+    return f"{ci['mean']:+.3f} [{ci['lo']:+.3f}, {ci['hi']:+.3f}]"
+
+
+def _log_ratios(results: dict, name: str, label: str, key: str) -> list[float]:
+    """Per task ``log((x + f) / (a + f))`` vs tuned Adam, ``f`` = 1e-3 x tuned Adam's initial loss (the
+    governor's floor), for ``key`` in train_loss / valid_loss."""
+    out = []
+    for r in results["tasks"]:
+        adam = r["results"]["tuned_adam"]
+        floor = 1e-3 * max(float(adam["H"]["curve"][0]) if adam["H"].get("curve") else 1.0, 1e-12)
+        a, x = float(adam[label][key]), float(r["results"][name][label][key])
+        out.append(math.log((x + floor) / (a + floor)))
+    return out
+
+
+def summarise(root: Path, names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        out = root / name
+        row: dict = {"variant": name, "overrides": VARIANTS.get(name, {})}
+        steps = json.loads((out / "ablation_steps.json").read_text()) if (out / "ablation_steps.json").exists() else {}
+        if "meta_train" in steps:
+            row["meta_train_cpu_s"] = steps["meta_train"]["cpu_s"]
+            row["meta_train_wall_s"] = steps["meta_train"]["wall_s"]
+        res_path = out / "eval" / "results.json"
+        if res_path.exists():
+            res = json.loads(res_path.read_text())
+            for label in res["meta"]["horizons"]:
+                for key in ("train_loss", "valid_loss"):
+                    row[f"{label}_{key}"] = _ci(_log_ratios(res, "learned", label, key))
+                row[f"{label}_diverged"] = res["summary"][label]["learned"]["diverged"]
+                row[f"{label}_paired_train_diff"] = res["summary"][label]["learned"]["diff_vs_tuned_adam"]["train_loss"]
+        suite_path = out / "eval" / "generalisation" / "results.json"
+        if suite_path.exists():
+            row["suite"] = json.loads(suite_path.read_text()).get("summary")
+        if (out / "loop.json").exists():
+            row["loop"] = json.loads((out / "loop.json").read_text())
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "# Learned-optimizer designs at equal meta-training budget",
+        "",
+        f"Regenerate: `{command}` (each variant cached under `runs/ablation/<variant>/`).",
+        "",
+        "Every variant: `--preset default` (digits_mlp, truncated backprop, 400 outer steps, population 8, "
+        "truncation 20, horizon H = 200) plus the overrides shown. Numbers are mean log-loss ratios vs per-task "
+        "tuned Adam (`log(L / L_adam)`, normalised final losses on the full split, floored at 1e-3 x Adam's "
+        "initial loss) over the 20 held-out tasks, with 95% t-intervals: **negative is better than tuned Adam**. "
+        "`div` = diverged runs. CPU = the meta-training process's user + system seconds.",
+        "",
+        "| variant | overrides | train H | valid H | train 10H | valid 10H | div 10H | loop check | meta-train CPU s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ov = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in r["overrides"].items()) or "-"
+        loop = _fmt(r.get("loop")) if r.get("loop") else "-"
+        cpu = f"{r['meta_train_cpu_s']:.0f}" if "meta_train_cpu_s" in r else "-"
+        lines.append(
+            f"| {r['variant']} | {ov} | {_fmt(r.get('H_train_loss'))} | {_fmt(r.get('H_valid_loss'))} | "
+            f"{_fmt(r.get('10H_train_loss'))} | {_fmt(r.get('10H_valid_loss'))} | {r.get('10H_diverged', '-')} | "
+            f"{loop} | {cpu} |")
+    suite_rows = [r for r in rows if r.get("suite")]
+    if suite_rows:
+        lines += ["", "## Generalisation suite (train loss, mean log-loss ratio vs tuned Adam; div = diverged)", ""]
+        lines += _suite_table(suite_rows)
+    return "\n".join(lines) + "\n"
+
+
+def _suite_table(rows: list[dict]) -> list[str]:
+    """One row per variant, one column per (group, horizon) of the suite's summary."""
+    cols: list[tuple[str, str]] = []
+    for r in rows:
+        for group, per in r["suite"].items():
+            for label in per:
+                if (group, label) not in cols:
+                    cols.append((group, label))
+    head = "| variant | " + " | ".join(f"{g} {lab}" for g, lab in cols) + " |"
+    out = [head, "|---|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for g, lab in cols:
+            e = r["suite"].get(g, {}).get(lab)
+            if not e:
+                cells.append("-")
+                continue
+            ratio = e.get("train_log_ratio") or e.get("train") or e
+            div = e.get("diverged", 0)
+            cells.append(f"{_fmt(ratio)}{f' ({div} div)' if div else ''}")
+        out.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--root", type=Path, default=ROOT / "runs" / "ablation")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "ablation.md")
+    p.add_argument("--jobs", type=int, default=1, help="variants run at once (1 gives clean CPU timings)")
+    p.add_argument("--no-suite", action="store_true", help="skip the generalisation suite")
+    p.add_argument("--no-loop", action="store_true", help="skip the governor's loop check")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {list(VARIANTS)}")
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if not args.report_only:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {v: pool.submit(run_variant, v, VARIANTS[v], args.root, not args.no_suite, not args.no_loop)
+                       for v in names}
+            for v, fut in futures.items():
+                fut.result()
+                print(f"[ablation] {v} done", flush=True)
+    rows = summarise(args.root, names)
+    cmd = "python bench/ablation.py" + (f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else "")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(rows, cmd))
+    (args.out.with_suffix(".json")).write_text(json.dumps(rows, indent=1))
+    print(args.out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -80,7 +79,13 @@ def run_variant(name: str, overrides: dict[str, str], root: Path, suite: bool, l
     py = [sys.executable, str(ROOT / "train.py")]
     common = ["--preset", "default", "--out-dir", str(out), "--wandb", "disabled", "--quiet", *_flags(overrides)]
     if "meta_train" not in done:
-        done["meta_train"] = _run(py + ["meta-train", "--resume", "auto", *common], log)
+        part = _run(py + ["meta-train", "--resume", "auto", *common], log)
+        parts = done.setdefault("meta_train_parts", []) + [part]
+        done["meta_train_parts"] = parts
+        if not _finished(out):  # stopped (SIGTERM, STOP): keep the CPU spent so far, resume next time
+            done_path.write_text(json.dumps(done, indent=1))
+            raise RuntimeError(f"{name}: meta-training stopped before its last step; run again to resume")
+        done["meta_train"] = {k: sum(p[k] for p in parts) for k in ("wall_s", "cpu_s")}
         done_path.write_text(json.dumps(done, indent=1))
     if "evaluate" not in done:
         done["evaluate"] = _run(py + ["evaluate", *common], log)
@@ -95,6 +100,14 @@ def run_variant(name: str, overrides: dict[str, str], root: Path, suite: bool, l
         done["loop"] = {"wall_s": time.time() - t0}
         done_path.write_text(json.dumps(done, indent=1))
     return done
+
+
+def _finished(out: Path) -> bool:
+    """Whether the checkpoint in ``out`` reached its config's last outer step."""
+    from optimizers import checkpoint as ckpt
+
+    _, meta = ckpt.load(out / "checkpoint")
+    return int(meta["step"]) >= int(meta["run_config"]["meta"]["outer_steps"])
 
 
 def loop_score(out: Path) -> dict:

@@ -686,14 +686,20 @@ def _grid_str(lrs: Sequence[float]) -> str:
     return f"{min(lrs):.3g}..{max(lrs):.3g} ({len(lrs)} points)" if lrs else "-"
 
 
+def write_outputs(results: dict, out_dir: str | os.PathLike, markdown: str, plot: Callable[[dict, Path], Any],
+                  png: str) -> dict[str, Path]:
+    """``results.json``, ``results.md`` (``markdown``) and ``png`` (drawn by ``plot``) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / png}
+    paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False))
+    paths["md"].write_text(markdown)
+    plot(results, paths["png"])
+    return paths
+
+
 def write_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``curves.png`` into ``out_dir``; returns their paths."""
     from meta.plots import plot_curves
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "curves.png"}
-    paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False))
-    paths["md"].write_text(_markdown(results))
-    plot_curves(results, paths["png"])
-    return paths
+    return write_outputs(results, out_dir, _markdown(results), plot_curves, "curves.png")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from meta import stats
-from meta.evaluate import DEFAULT_ADAM_LRS, TUNED_ADAM, evaluate, horizon_labels
+from meta.evaluate import DEFAULT_ADAM_LRS, TUNED_ADAM, evaluate, horizon_labels, write_outputs
 from optimizers.base import Optimizer
 from tasks.base import TaskConfigError, TaskDistribution
 
@@ -515,10 +515,4 @@ def _plot(results: dict, path: Path) -> Path:
 
 def write_suite_report(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and ``ratios.png`` into ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "ratios.png"}
-    paths["json"].write_text(json.dumps(results, indent=1, allow_nan=False))
-    paths["md"].write_text(_markdown(results))
-    _plot(results, paths["png"])
-    return paths
+    return write_outputs(results, out_dir, _markdown(results), _plot, "ratios.png")

@@ -42,8 +42,10 @@ LEGACY = {"lo.design": "additive", "lo.time_features": "absolute", "lo.step_scal
 VARIANTS: dict[str, dict[str, str]] = {
     # the original design (additive MLP term of fixed size, absolute time features), NaN fix included
     "legacy": dict(LEGACY),
-    # nominal controller, fraction-of-training time, width-aware steps (muP-style 1/width)
-    "controller": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width"},
+    # nominal controller, fraction-of-training time, width-aware steps (the default; the step scale's
+    # power only acts on layers wider than 64, so the default-split rows of powers 1 and 0.5 are one run)
+    "controller": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width",
+                   "lo.scale_power": "1.0"},
     "controller_rms": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "rms"},
     "controller_nowidth": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "none"},
     "normalized": {"lo.design": "normalized", "lo.time_features": "fraction", "lo.step_scale": "width"},

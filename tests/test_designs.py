@@ -77,8 +77,9 @@ def test_untrained_designs_start_as_adam_on_the_nominal_schedule(design):
         torch.testing.assert_close(p[k], q[k], rtol=1e-6, atol=1e-9)
 
 
-def test_width_scale_gives_wider_layers_proportionally_smaller_steps():
-    cfg = LOConfig(step_scale="width", time_features="none", output_init_scale=0.0)
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_width_scale_gives_wider_layers_smaller_steps(power):
+    cfg = LOConfig(step_scale="width", time_features="none", output_init_scale=0.0, scale_power=power)
     lopt = LearnedOptimizer(cfg)
     opt = lopt.bind(lopt.init_theta(0))
     narrow, wide = torch.zeros(64, 10), torch.zeros(512, 10)
@@ -86,7 +87,7 @@ def test_width_scale_gives_wider_layers_proportionally_smaller_steps():
     (pn,), (pw,) = (opt.update({"w": g[:64]}, opt.init({"w": narrow}), {"w": narrow})[0].values(),
                     opt.update({"w": g}, opt.init({"w": wide}), {"w": wide})[0].values())
     ratio = float(pw.abs().mean() / pn.abs().mean())
-    assert ratio == pytest.approx(64 / 512, rel=1e-5)
+    assert ratio == pytest.approx((64 / 512) ** power, rel=1e-5)
 
 
 @pytest.mark.parametrize("design", ["additive", "controller", "normalized"])

@@ -183,7 +183,8 @@ def summarise(root: Path, names: list[str]) -> list[dict]:
                 row[f"{label}_paired_train_diff"] = res["summary"][label]["learned"]["diff_vs_tuned_adam"]["train_loss"]
         suite_path = out / "eval" / "generalisation" / "results.json"
         if suite_path.exists():
-            row["suite"] = json.loads(suite_path.read_text()).get("summary")
+            summary = json.loads(suite_path.read_text())["summary"]
+            row["suite"] = {g: {lab: per["learned"] for lab, per in labels.items()} for g, labels in summary.items()}
         if (out / "loop.json").exists():
             row["loop"] = json.loads((out / "loop.json").read_text())
         rows.append(row)
@@ -215,8 +216,27 @@ def markdown(rows: list[dict], command: str) -> str:
             f"{loop} | {cpu} |")
     suite_rows = [r for r in rows if r.get("suite")]
     if suite_rows:
-        lines += ["", "## Generalisation suite (train loss, mean log-loss ratio vs tuned Adam; div = diverged)", ""]
+        lines += ["", "## Generalisation suite (`train.py evaluate --suite generalisation`, 4 tasks per group)", "",
+                  "Training loss, mean log-loss ratio vs tuned Adam per group with 95% t-intervals (same floor); "
+                  "`div` = diverged runs.", ""]
         lines += _suite_table(suite_rows)
+    width = ROOT / "runs" / "widthtest" / "out" / "results.json"
+    if width.exists():
+        res = json.loads(width.read_text())
+        lines += ["", "## Step scale of layers wider than any meta-training task", "",
+                  "The `controller` run's weights (meta-trained where every layer is at most 64 wide, so the "
+                  "rule below never acted in meta-training) with three rules for a matrix whose largest dim "
+                  "exceeds 64, on the suite's `wide` group (4 MLPs of width 512). `(64 / max(shape)) ** 0.5` "
+                  "is the default. It was chosen on these 4 tasks, so its row is optimistic; "
+                  "`python bench/width_rule.py` regenerates it.", "",
+                  "| rule | train H | valid H | train 10H | valid 10H | div 10H |", "|---|---|---|---|---|---|"]
+        names = {"w64_linear": "(64 / max(shape)) ** 1 (muP)", "w64_sqrt": "(64 / max(shape)) ** 0.5",
+                 "no_width_scale": "none"}
+        for name in res["optimizers"]:
+            per = {lab: res["summary"]["wide"][lab][name] for lab in res["summary"]["wide"]}
+            lines.append(f"| {names.get(name, name)} | {_fmt(per['H']['train_ratio'])} | {_fmt(per['H']['valid_ratio'])} | "
+                         f"{_fmt(per['10H']['train_ratio'])} | {_fmt(per['10H']['valid_ratio'])} | "
+                         f"{per['10H']['diverged']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +257,7 @@ def _suite_table(rows: list[dict]) -> list[str]:
             if not e:
                 cells.append("-")
                 continue
-            ratio = e.get("train_log_ratio") or e.get("train") or e
+            ratio = e["train_ratio"]
             div = e.get("diverged", 0)
             cells.append(f"{_fmt(ratio)}{f' ({div} div)' if div else ''}")
         out.append(f"| {r['variant']} | " + " | ".join(cells) + " |")

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import json, dataclasses, torch
+import dataclasses, torch
 from optimizers import checkpoint as ck
 from optimizers.learned import LearnedOptimizer
 from meta.generalisation import run_suite, write_suite_report
@@ -28,3 +28,9 @@ with torch.no_grad():
     res = run_suite(opts, get_distribution("digits_mlp"), 200, tasks_per_group=4, factors=(10,), groups=["wide"])
 write_suite_report(res, "runs/widthtest/out")
 print(open("runs/widthtest/out/results.md").read())
+# the chosen rule (the shipped default) on 4 other wide tasks (the test split), not used to choose it
+with torch.no_grad():
+    res = run_suite({"default": lo.bind(th)}, get_distribution("digits_mlp"), 200, tasks_per_group=4, factors=(10,),
+                    groups=["wide"], split="test")
+write_suite_report(res, "runs/widthtest/confirm_test_split")
+print(open("runs/widthtest/confirm_test_split/results.md").read())

@@ -12,6 +12,14 @@ the same time features the MLP sees (``w = 0`` at init): a task-independent opti
 over Adam tuned per task with a constant learning rate is *when* it takes large and small steps, and
 11 weights learn that far faster than the MLP can.
 
+That is the original ("additive") design. It does not generalise: the MLP term's size never anneals, so
+training stalls past the meta-training horizon, and absolute time features take values there that
+meta-training never saw. :class:`LOConfig` therefore selects the step's form (``design``), its time
+inputs (``time_features``) and a per-tensor step scale (``step_scale``); the default is the design that
+measured best (``docs/ablation.md``): the MLP as a bounded multiplicative *controller* of the nominal
+Adam step, ``lr(t/T) * s * exp(2 tanh(d)) * adam_dir``, with time given as the fraction of training
+``t/T`` and matrices wider than the meta-training tasks taking proportionally smaller steps.
+
 Everything is a pure function of ``(theta, grads, state, params)`` so it can be differentiated through,
 vmapped over a population axis, and used as the outer optimizer of meta-training.
 

@@ -40,12 +40,15 @@ def presets() -> dict[str, Any]:
     # Measured on the 2-core CPU machine (see README): raw-loss meta-objective (the acceptance metric is
     # a raw mean of final losses; log-loss LOs won more tasks but lost the hardest by large margins),
     # 400 outer steps of truncated backprop over 8 tasks, one torch thread (tiny ops: threads only add
-    # synchronisation; under contention 2 threads were 10x slower).
+    # synchronisation; under contention 2 threads were 10x slower), two processes (members and evaluation
+    # tasks split over them: 1.7x faster on the 2-core machine, see README "Scaling out"); the outer
+    # learning rate decays to 0 over the last 25% of the steps (the final iterate is otherwise noisy).
     default = RunConfig(
-        meta=MetaConfig(meta_loss="train", outer_steps=400),
+        meta=MetaConfig(meta_loss="train", outer_steps=400, outer_decay=0.25),
         eval=EvalConfig(),
         out_dir="runs/default",
         threads=1,
+        procs=2,
     )
     smoke = RunConfig(
         meta=MetaConfig(population=2, truncation=5, horizon=10, outer_steps=4),
@@ -261,6 +264,37 @@ def resolve_config(args: argparse.Namespace):
 
 
 # ---- commands -----------------------------------------------------------------------------------
+RELAUNCH_COMMANDS = ("run", "meta-train", "evaluate", "generations")
+# exit status of a run stopped on request (Ctrl-C, SIGTERM, a STOP file) before it finished: a script
+# or scheduler can tell it from a finished run (0) and from an error (2, 3); its state is saved
+STOPPED_STATUS = 4
+
+
+def relaunch_under_torchrun(argv: list[str], cfg) -> int:
+    """Run this same command on ``cfg.procs`` local processes through torchrun and return its exit status.
+
+    Why: meta-training spends most of its time in Python/op overhead on one core, so a second process
+    (members split over the processes, meta-gradients all-reduced; see ``meta/distributed.py``) is the
+    cheapest way to use a machine's other cores, and the code path is the tested torchrun one. The config
+    was validated before this point, so a bad flag fails here, once, not in every process."""
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.procs),
+           str(Path(__file__).resolve()), *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(cfg.threads or 1))  # torchrun's default, without its warning
+    print(f"[train.py] running on {cfg.procs} processes (torchrun; --procs 1 for a single process)",
+          file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGTERM))  # torchrun stops its workers
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the children too; let them checkpoint and stop
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _setup_threads(cfg) -> None:
     import torch
 
@@ -268,9 +302,52 @@ def _setup_threads(cfg) -> None:
         torch.set_num_threads(cfg.threads)
 
 
-def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True):
-    """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently."""
+# what a resumed meta-training run may change: how long it runs, how it logs and checkpoints, where
+# it computes, and how it is evaluated afterwards; everything else would silently change the maths
+RESUME_MUTABLE = ("meta.outer_steps", "meta.max_bad_steps", "checkpoint_every", "log_every", "wandb",
+                  "wandb_project", "threads", "procs", "out_dir")
+
+
+def explicit_keys(args: argparse.Namespace) -> set[str]:
+    """The config keys the user set on purpose: ``--section.name`` flags and the ``--config`` file's keys."""
+    keys = {k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    if getattr(args, "config", None):
+        data = json.loads(args.config.read_text())  # validated by resolve_config already
+        for k, v in data.items():
+            keys.update(f"{k}.{n}" for n in v) if isinstance(v, dict) else keys.add(k)
+    return keys
+
+
+def resumed_config(stored, cfg, explicit: set[str]):
+    """The stored run config with the explicitly given, resumable changes applied; a conflicting
+    explicit value of any other field is a :class:`ConfigError` naming it (the checkpoint's config wins)."""
+    from meta.config import apply_overrides
+    from optimizers.learned import ConfigError
+
+    def value(c, key):
+        return getattr(getattr(c, key.split(".")[0]), key.split(".")[1]) if "." in key else getattr(c, key)
+
+    changes, conflicts = {}, []
+    for key in sorted(explicit):
+        if value(cfg, key) == value(stored, key):
+            continue
+        if key in RESUME_MUTABLE or key.startswith("eval."):
+            changes[key] = value(cfg, key)
+        else:
+            conflicts.append(f"{key}={value(cfg, key)!r} (the run has {value(stored, key)!r})")
+    if conflicts:
+        raise ConfigError("--resume continues the checkpoint's own config; these flags conflict with it: "
+                          + ", ".join(conflicts) + ". Drop them, or start a new run with --out-dir "
+                          "(only " + ", ".join(RESUME_MUTABLE) + " and eval.* may change on resume)")
+    return apply_overrides(stored, changes)
+
+
+def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+               explicit: set[str] | None = None):
+    """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently. A resumed
+    run keeps the checkpoint's config (``explicit``: the keys the user set, checked against it)."""
     from meta import distributed as D
+    from meta.config import RunConfig
     from meta.logging import MetricsLogger
     from meta.trainer import MetaTrainer, MetaTrainingError, StopFlag
     from optimizers import checkpoint as ckpt
@@ -284,6 +361,11 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     if resume:
         if not exists:
             raise ConfigError(f"--resume: no checkpoint at {path} (nothing to resume)")
+        stored_dict = D.load_checkpoint(path)[1].get("run_config")
+        if not isinstance(stored_dict, dict):
+            raise ckpt.CheckpointError(f"{path}: the checkpoint holds no run config to resume")
+        stored = RunConfig.from_dict(stored_dict)
+        cfg = resumed_config(stored, cfg, explicit or set())
         trainer = MetaTrainer.load(path, cfg)
         print(f"[ouroboros] resumed from {path} at step {trainer.step}/{cfg.meta.outer_steps}", flush=True)
     else:
@@ -328,6 +410,15 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     return trainer
 
 
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` and write-test it, so a run that cannot save its results fails at once with
+    a one-line error (an :class:`OSError`, reported by ``main``) instead of after the work."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True) -> dict:
     import torch
 
@@ -347,6 +438,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
                             run_cfg.get("dist_seed", cfg.meta.dist_seed))
     horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
     optimizers = {"learned": lopt.bind(theta), "learned_untrained": lopt.bind(theta0)}
+    D.run_on_main(check_writable, Path(cfg.out_dir) / "eval")  # before minutes of evaluation, not after
     print(f"[ouroboros] evaluating {path} on {cfg.eval.num_tasks} '{cfg.eval.split}' tasks of "
           f"'{dist.name}' at {horizon} and {horizon * cfg.eval.long_factor} steps", flush=True)
     t0 = time.time()
@@ -407,10 +499,8 @@ GENERATIONS_DIR = "runs/generations"
 
 def generations(cfg, args, *, progress: bool = True):
     """``train.py generations``: run (or resume) recursive generations under the governor."""
-    import shutil
-
     from meta import distributed as D
-    from meta.generations import GenerationRunner
+    from meta.generations import GenerationRunner, clear_run_dir
     from meta.trainer import StopFlag
 
     gen = {}
@@ -423,11 +513,12 @@ def generations(cfg, args, *, progress: bool = True):
     if getattr(args, "cfg:out_dir") is None and not args.config:
         cfg = replace(cfg, out_dir=GENERATIONS_DIR)
     out = Path(cfg.out_dir)
-    if args.overwrite:  # rank 0 deletes; every rank waits for it (run_on_main returns on all ranks)
-        D.run_on_main(lambda: shutil.rmtree(out) if out.exists() else None)
-    # validate the task distribution before any work starts (e.g. a missing dataset directory)
+    # validate the task distribution before any work starts (e.g. a missing dataset directory), and
+    # before --overwrite deletes anything
     from tasks import get_distribution
     get_distribution(cfg.meta.distribution, cfg.meta.dist_seed).task("held_out", 0)
+    if args.overwrite:  # rank 0 deletes (only a generations run's own files); every rank waits for it
+        D.run_on_main(clear_run_dir, out)
     t0 = time.time()
     with StopFlag() as stop:
         result = GenerationRunner(cfg, out, progress=progress, should_stop=stop).run()
@@ -504,14 +595,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("lineage", "rollback", "approve", "reject"):
             return lineage_command(args)
         cfg = resolve_config(args)
+        if cfg.procs > 1 and not D.env_world_size() > 1 and args.command in RELAUNCH_COMMANDS:
+            return relaunch_under_torchrun(argv, cfg)
         _setup_threads(cfg)
         progress = not args.quiet and D.is_main()
         if args.command in ("run", "meta-train"):
             # validate the task distribution before any work starts (e.g. a missing dataset directory)
             from tasks import get_distribution
             get_distribution(cfg.meta.distribution, cfg.meta.dist_seed).task("held_out", 0)
-            trainer = meta_train(cfg, resume=args.resume, overwrite=args.overwrite, progress=progress)
-            if args.command == "run" and trainer.step >= cfg.meta.outer_steps:
+            trainer = meta_train(cfg, resume=args.resume, overwrite=args.overwrite, progress=progress,
+                                 explicit=explicit_keys(args))
+            cfg = trainer.cfg  # a resumed run's own config (evaluated as it was trained)
+            if trainer.step < cfg.meta.outer_steps:  # stopped early (Ctrl-C, SIGTERM): not "finished"
+                return STOPPED_STATUS
+            if args.command == "run":
                 evaluate_checkpoint(cfg, trainer.checkpoint_path, progress=progress)
         elif args.command == "evaluate":
             suite_opts = {"tasks_per_group": args.suite_tasks, "factors": args.suite_factors,
@@ -524,13 +621,22 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
         elif args.command == "generations":
-            generations(cfg, args, progress=progress)
+            if generations(cfg, args, progress=progress).get("stopped"):
+                return STOPPED_STATUS
     except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
         return 2
     except MetaTrainingError as e:  # meta-training could not go on (its checkpoint is written)
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
         return 3
+    except BrokenPipeError:  # e.g. `train.py presets | head`: the reader left; say nothing more to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as e:  # out-dir is a file, read-only directory, disk full, permission denied, ...
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     finally:
         D.shutdown()  # also after an error (e.g. a peer died): no process is left waiting
         if sys.stdout is not stdout:

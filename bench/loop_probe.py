@@ -1,37 +1,66 @@
 #!/usr/bin/env python
-"""Where the loop check's failure comes from: the governor's loop check for the ablation's ``controller``
-run (the default) with (a) its MLP output layer zeroed, i.e. Adam on its learned fraction-of-training
-schedule, and (b) the outer update scale set from its learned rate at t = 0 instead of the config's
-initial nominal rate.
+"""Where the loop check's result comes from: the governor's loop check (the candidate meta-trains a fresh
+learned optimizer for ``gov.loop_steps`` outer steps, against Adam doing the same) for one checkpoint, with
+one thing changed at a time.
 
-    python bench/loop_probe.py zero_mlp        # ~3 min on 2 cores each
-    python bench/loop_probe.py learned_lr0
+    python bench/loop_probe.py                           # the check as the governor runs it (outer scale 0.3)
+    python bench/loop_probe.py zero_mlp=1                # MLP output layer zeroed: Adam on the learned schedule
+    python bench/loop_probe.py scale=0.6                 # another outer update scale
+    python bench/loop_probe.py T=200 scale=0.16          # the outer run seen as the first 10% of a 200-step run
+    python bench/loop_probe.py ckpt=runs/default/checkpoint
+
+About 3 minutes each on 2 cores. Prints the mean per-task log-loss gap (candidate-trained minus
+Adam-trained) with its 95% t-interval; the governor's bound is ``gov.loop_tolerance`` (+0.1).
 """
 import sys
+from pathlib import Path
 
 import torch
-from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
-from meta.config import RunConfig
-from meta.generations import LoopTrainer
-from meta.governor import Candidate, Governor
-from meta import stats
-from optimizers import checkpoint as ck
-from tasks import get_distribution
-mode = sys.argv[1]
-tensors, meta = ck.load("runs/ablation/controller/checkpoint")
+from meta import stats  # noqa: E402
+from meta.config import RunConfig  # noqa: E402
+from meta.generations import LoopTrainer  # noqa: E402
+from meta.governor import Candidate, Governor  # noqa: E402
+from optimizers import checkpoint as ck  # noqa: E402
+from tasks import get_distribution  # noqa: E402
+
+opts = dict(a.split("=", 1) for a in sys.argv[1:])
+tensors, meta = ck.load(opts.get("ckpt", "runs/ablation/controller/checkpoint"))
 cfg = RunConfig.from_dict(meta["run_config"])
 lopt, theta = ck.learned_optimizer_from(tensors, meta, "x")
-scale = 0.3
-if mode == "zero_mlp":
+scale = float(opts.get("scale", cfg.meta.outer_lr / cfg.lo.nominal_lr))
+if opts.get("zero_mlp"):
     n = cfg.lo.hidden_layers
-    theta = dict(theta); theta[f"w{n}"] = torch.zeros_like(theta[f"w{n}"]); theta[f"b{n}"] = torch.zeros_like(theta[f"b{n}"])
-elif mode == "learned_lr0":
-    scale = cfg.meta.outer_lr / 0.01856
+    theta = dict(theta)
+    theta[f"w{n}"], theta[f"b{n}"] = torch.zeros_like(theta[f"w{n}"]), torch.zeros_like(theta[f"b{n}"])
+
+
+class FixedHorizon:
+    """A learned optimizer bound to its own T, whatever run length it is used for."""
+
+    horizon_aware = False
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def init(self, params):
+        return self.opt.init(params)
+
+    def update(self, grads, state, params, *, loss=None):
+        return self.opt.update(grads, state, params, loss=loss)
+
+
+class ProbeCandidate(Candidate):
+    def bind(self):
+        b = super().bind()
+        return FixedHorizon(b.with_total_steps(int(opts["T"]))) if "T" in opts else b
+
+
 dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
 loop = LoopTrainer(cfg, cfg.lo, seed=cfg.meta.seed + 7919)
-gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop)
-ev = gov._loop_evidence(Candidate("c", lopt, theta, horizon=200, outer_scale=scale), None)
+gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop, progress=False)
+ev = gov._loop_evidence(ProbeCandidate("c", lopt, theta, horizon=cfg.meta.horizon, outer_scale=scale), None)
 d = [a - b for a, b in zip(ev["by_candidate"], ev["by_incumbent"])]
-print(mode, scale, stats.mean_ci(d, 0.95, "t"))
+print(" ".join(sys.argv[1:]) or "as-governed", f"scale={scale:.3g}", stats.mean_ci(d, 0.95, "t"), flush=True)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from meta.unroll import META_LOSSES
-from optimizers.learned import ConfigError, LOConfig, _check_keys
+from optimizers.learned import ConfigError, LOConfig, _check_keys, check_types
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class MetaConfig:
     outer_optimizer: str = "adam"  # adam | a path to a learned-optimizer checkpoint
     outer_lr: float = 3e-3
     outer_steps: int = 300
+    # fraction of the outer steps at the end over which a hand-designed (Adam) outer optimizer's updates
+    # decay linearly to 0 (optimizers.transforms.WarmDown); 0: constant. A learned outer optimizer
+    # anneals on its own learned schedule and is left as it is.
+    outer_decay: float = 0.0
     grad_clip_value: float = 3.0  # element-wise meta-gradient clip (VeLO: +-3); 0 disables
     grad_clip_norm: float = 0.0  # global-norm clip; 0 disables
     seed: int = 0
@@ -44,6 +48,7 @@ class MetaConfig:
     max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
+        check_types(self, "meta")
         if self.estimator not in ("tbptt", "es", "pes"):
             raise ConfigError(f"meta.estimator must be tbptt, es or pes, got {self.estimator!r}")
         if self.schedule not in ("constant", "log_uniform"):
@@ -57,6 +62,11 @@ class MetaConfig:
             raise ConfigError("meta.min_horizon must be <= meta.max_horizon")
         if self.outer_steps < 0 or self.sigma <= 0 or self.outer_lr <= 0:
             raise ConfigError("meta.outer_steps must be >= 0, meta.sigma and meta.outer_lr > 0")
+        if not 0.0 <= self.outer_decay <= 1.0:
+            raise ConfigError(f"meta.outer_decay must lie in [0, 1], got {self.outer_decay}")
+        for name in ("num_train_tasks", "grad_clip_value", "grad_clip_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"meta.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,7 @@ class EvalConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "eval")
         object.__setattr__(self, "adam_lrs", tuple(float(x) for x in self.adam_lrs))
         object.__setattr__(self, "sgdm_lrs", tuple(float(x) for x in self.sgdm_lrs))
         if self.split not in ("meta_train", "held_out", "test"):
@@ -108,7 +119,14 @@ class GovernorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, "gov")
         object.__setattr__(self, "adam_lrs", tuple(float(x) for x in self.adam_lrs))
+        if not self.adam_lrs or any(lr <= 0 for lr in self.adam_lrs):
+            raise ConfigError("gov.adam_lrs must be a non-empty list of positive learning rates")
+        for name in ("max_overfit_gap", "long_tolerance", "loop_tolerance", "max_step_time_ratio",
+                     "max_theta", "max_flops_per_element", "max_state_floats"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"gov.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("num_tasks", "train_tasks", "long_factor", "bootstrap", "probe_tasks", "probe_steps",
                      "loop_population", "loop_tasks"):
             if getattr(self, name) < 1:
@@ -135,6 +153,7 @@ class GenConfig:
     poll_seconds: float = 2.0  # how often a run waiting for approval checks the lineage
 
     def __post_init__(self) -> None:
+        check_types(self, "gen")
         if self.max_generations < 1 or self.outer_steps < 1:
             raise ConfigError("gen.max_generations and gen.outer_steps must be >= 1")
         if self.start not in ("incumbent", "fresh"):
@@ -172,10 +191,23 @@ class RunConfig:
     wandb: str = "offline"  # offline | online | disabled
     wandb_project: str = "ouroboros"
     threads: int = 0  # torch CPU threads (0: torch's default)
+    # processes on this machine: > 1 makes `train.py` re-launch itself under torchrun (meta-training
+    # members and evaluation tasks split over the processes; the maths does not change). Ignored when
+    # already launched by torchrun.
+    procs: int = 1
 
     def __post_init__(self) -> None:
+        check_types(self)
+        for name in SECTIONS:
+            expected = SECTIONS[name]
+            if not isinstance(getattr(self, name), expected):
+                raise ConfigError(f"{name} must be a {expected.__name__}, got {getattr(self, name)!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"wandb must be offline, online or disabled, got {self.wandb!r}")
+        if isinstance(self.procs, bool) or not isinstance(self.procs, int) or self.procs < 1:
+            raise ConfigError(f"procs must be an integer >= 1, got {self.procs!r}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be >= 1")
 
@@ -192,7 +224,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a JSON object, got {type(data).__name__}")
         _check_keys(cls, data)
+        for name in SECTIONS:
+            if name in data and not isinstance(data[name], dict):
+                raise ConfigError(f"config section {name!r} must be a JSON object, got {data[name]!r}")
         kw = dict(data)
         if "meta" in kw:
             _check_keys(MetaConfig, kw["meta"])

@@ -40,8 +40,10 @@ horizons the optimizer was meta-trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +70,32 @@ from tasks import get_distribution, seeded
 STOP_FILE = "STOP"
 
 
+# what a generations run writes at its top level (``wandb`` when W&B logs there); ``--overwrite``
+# deletes a directory only if everything in it is one of these
+RUN_LAYOUT = re.compile(r"^(config\.json|report\.(json|md|png)|STOP|\.run\.lock|lineage|wandb|gen-\d{4})$")
+
+
+def clear_run_dir(run_dir: str | Path) -> None:
+    """Delete a generations run directory for ``--overwrite``, refusing anything this project did not write.
+
+    Why: ``--overwrite`` used to ``rmtree`` whatever ``--out-dir`` named, so a typo could delete a user's
+    own files. A missing or empty directory is fine; otherwise every top-level entry must belong to the
+    generations layout (:data:`RUN_LAYOUT`), else a :class:`ConfigError` names the foreign entries."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"--overwrite: {run_dir} is a file, not a generations run directory; not deleted")
+    foreign = sorted(p.name for p in run_dir.iterdir() if not RUN_LAYOUT.match(p.name))
+    if foreign:
+        raise ConfigError(f"--overwrite: {run_dir} holds files a generations run does not write "
+                          f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); refusing to delete it. "
+                          f"Choose another --out-dir or remove it yourself")
+    shutil.rmtree(run_dir)
+
+
 def gen_dir(run_dir: Path, g: int) -> Path:
     return Path(run_dir) / f"gen-{g:04d}"
 
@@ -87,8 +115,9 @@ class LoopTrainer:
     from a fixed start (same seeds for every outer optimizer compared)."""
 
     def __init__(self, cfg: RunConfig, lo: LOConfig, seed: int):
-        self.cfg = replace(cfg, lo=lo, meta=replace(cfg.meta, population=cfg.gov.loop_population, seed=seed),
-                           wandb="disabled")
+        # outer_decay 0: the check compares outer optimizers at a constant Adam rate, as it always has
+        self.cfg = replace(cfg, lo=lo, meta=replace(cfg.meta, population=cfg.gov.loop_population, seed=seed,
+                                                    outer_decay=0.0), wandb="disabled")
         self.lopt = LearnedOptimizer(lo)
         self.seed = seed
 
@@ -164,8 +193,19 @@ class GenerationRunner:
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Run generations until ``max_generations`` are in the lineage or a stop request; the result's
+        ``stopped`` says which (a STOP file left in the run directory stops a relaunch at once, and the
+        log says so)."""
+        with contextlib.ExitStack() as held:
+            # rank 0 holds the run for the whole process (a second `generations` on it is refused)
+            D.run_on_main(lambda: held.enter_context(self.lineage.run_lock()) and None)
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         D.run_on_main(self.check_config)
         D.run_on_main(self.lineage.verify)
+        if (self.run_dir / STOP_FILE).exists():
+            self.log(f"{self.run_dir / STOP_FILE} exists: not starting; remove it to continue the run")
         while not self.should_stop():
             st = self.state()
             pending = [g for g, s in st.status.items() if s == PENDING]
@@ -178,13 +218,14 @@ class GenerationRunner:
                 break
             if not self.run_generation(g):
                 break
+        stopped = self.should_stop()  # collective: every rank gets the same answer
         from meta.generations_report import write_report
 
         paths = D.run_on_main(write_report, self.run_dir)
         st = self.state()
         who = f"gen-{st.incumbent}" if st.incumbent is not None else "tuned Adam (none adopted)"
         self.log(f"lineage: {len(st.records)} generation(s), incumbent {who}; report {paths['md']}")
-        return {"state": st, "report": paths}
+        return {"state": st, "report": paths, "stopped": stopped}
 
     def incumbent(self) -> tuple[int | None, Candidate | None, Path | None]:
         """The adopted generation, as a candidate, and where its weights are (all None before one is)."""
@@ -332,7 +373,9 @@ class GenerationRunner:
         }
         e = self.lineage.append(entry)
         self.log(f"gen {g}: verdict {verdict.decision.upper()} -> {status}; " + " | ".join(verdict.reasons))
-        self._wandb_generation(g, entry, wpath, control_rec)
+        head = self.lineage.head_of(e)  # logged apart from the lineage: a later truncation shows
+        self.log(f"lineage head: {head['count']} entries, last hash {head['hash']}")
+        self._wandb_generation(g, {**entry, "lineage_head": head}, wpath, control_rec)
         return e
 
     def _wandb_generation(self, g: int, entry: dict, wpath: str, control_rec: dict | None) -> None:
@@ -347,7 +390,9 @@ class GenerationRunner:
             v = entry["verdict"]
             logger.log_table("verdict", ["check", "passed", "reason"],
                              [[k, c.get("passed"), c.get("reason", "")] for k, c in v["checks"].items()])
-            logger.summary({"decision": v["decision"], "status": entry["status"], **entry["metrics"]})
+            logger.summary({"decision": v["decision"], "status": entry["status"], **entry["metrics"],
+                            "lineage_count": entry["lineage_head"]["count"],
+                            "lineage_hash": entry["lineage_head"]["hash"]})
             logger.log_artifact(self.lineage.root / wpath, name=f"{self.run_dir.name}-gen{g}",
                                 aliases=["candidate", entry["status"]])
             if control_rec:
@@ -417,4 +462,4 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-__all__ = ["GenerationRunner", "Lineage", "LineageError", "LoopTrainer", "gen_dir", "lo_config_for", "outer_scale"]
+__all__ = ["GenerationRunner", "clear_run_dir", "Lineage", "LineageError", "LoopTrainer", "gen_dir", "lo_config_for", "outer_scale"]

@@ -23,16 +23,28 @@ a crash leaves the lineage as it was before the append or after it, never in bet
 
 State (who is the incumbent, which verdicts are pending) is *derived* by replaying the entries; it is
 never stored separately, so it cannot drift from the evidence.
+
+What a chain alone cannot catch, and what covers it:
+
+* deleting the *last* entries (undoing a rejection or a rollback) leaves a valid shorter chain:
+  ``HEAD.json`` (entry count and last hash, rewritten after every append, kept apart from the entries
+  and also logged by the generations run) no longer matches;
+* rewriting the whole chain (edit, then re-hash every entry) and ``HEAD.json`` with it: only a secret
+  catches that. With ``OUROBOROS_LINEAGE_KEY`` set, hashes are HMAC-SHA256 under that key, entries say
+  ``"signed": true``, and verifying with the key refuses unsigned or wrongly signed entries, so nobody
+  without the key can re-sign an edited chain. Without the key, a full rewrite is not detectable;
+* a weights path pointing outside the run's lineage is refused even in a correctly hashed entry.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +53,7 @@ from typing import Any
 from optimizers import checkpoint as ckpt
 
 GENESIS = "0" * 64
+RUN_LOCK = ".run.lock"  # in the run directory, held by the generations process using it
 ADOPTED, REJECTED, PENDING = "adopted", "rejected", "pending"
 
 
@@ -48,9 +61,22 @@ class LineageError(RuntimeError):
     """The lineage is inconsistent (tampered, truncated) or an operation on it is not allowed."""
 
 
-def canonical_hash(entry: dict[str, Any]) -> str:
-    body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+KEY_ENV = "OUROBOROS_LINEAGE_KEY"
+HEAD = "HEAD.json"
+
+
+def lineage_key() -> bytes | None:
+    key = os.environ.get(KEY_ENV, "")
+    return key.encode() if key else None
+
+
+def canonical_hash(entry: dict[str, Any], key: bytes | None = None) -> str:
+    """sha256 of the entry's canonical JSON (without ``hash``), or HMAC-SHA256 under ``key``."""
+    body = json.dumps({k: v for k, v in entry.items() if k != "hash"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+    if key is not None:
+        return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hashlib.sha256(body).hexdigest()
 
 
 def weights_digest(path: Path) -> str:
@@ -98,11 +124,20 @@ class Lineage:
             if e.get("prev_hash") != prev:
                 raise LineageError(f"lineage entry {i}: prev_hash does not match entry {i - 1}'s hash "
                                    f"(the chain was edited)")
-            if canonical_hash(e) != e.get("hash"):
+            key = lineage_key()
+            if e.get("signed") and key is None:
+                raise LineageError(f"lineage entry {i} is signed: set {KEY_ENV} to verify this lineage")
+            if key is not None and not e.get("signed"):
+                raise LineageError(f"lineage entry {i} is not signed although {KEY_ENV} is set (written "
+                                   f"without the key, or re-hashed by someone who lacks it)")
+            if canonical_hash(e, key if e.get("signed") else None) != e.get("hash"):
                 raise LineageError(f"lineage entry {i} ({path}): content does not match its hash "
-                                   f"(the entry was edited)")
+                                   f"(the entry was edited{', or signed with another key' if key else ''})")
             if check_weights and e.get("kind") == "generation" and e.get("weights"):
                 wpath = self.root / e["weights"]
+                if not wpath.resolve().is_relative_to(self.root.resolve()):
+                    raise LineageError(f"lineage entry {i}: weights path {e['weights']!r} points outside "
+                                       f"this run's lineage ({self.root})")
                 if not (wpath / ckpt.RECORD).is_file():
                     raise LineageError(f"lineage entry {i}: weights {wpath} are missing")
                 if weights_digest(wpath) != e.get("weights_sha256"):
@@ -110,6 +145,17 @@ class Lineage:
                                        f"sha256 (the weights were replaced)")
                 ckpt.load(wpath)  # verifies the tensors file against its own sha256
             prev = e["hash"]
+        head = self.root / HEAD
+        if head.is_file():
+            try:
+                h = json.loads(head.read_text())
+            except json.JSONDecodeError as err:
+                raise LineageError(f"{head} is not valid JSON: {err}") from err
+            if h.get("count") != len(entries) or h.get("hash") != (entries[-1]["hash"] if entries else GENESIS):
+                raise LineageError(f"the lineage has {len(entries)} entries but {head} records {h.get('count')} "
+                                   f"ending in {str(h.get('hash'))[:12]}...: entries were removed or rewritten")
+        elif any(e.get("format", 1) >= 2 for e in entries):  # format 1 lineages predate the head record
+            raise LineageError(f"{head} is missing: the lineage's head record was removed")
         return entries
 
     def state(self, entries: list[dict[str, Any]] | None = None) -> LineageState:
@@ -151,39 +197,82 @@ class Lineage:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextmanager
+    def run_lock(self) -> Iterator[None]:
+        """Exclusive use of the run directory for a whole ``generations`` process: a second process on the
+        same run gets a :class:`LineageError` naming the holder's PID instead of writing duplicate
+        generations beside it. Released when the process ends, also by kill -9 (``flock``)."""
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        path = self.root.parent / RUN_LOCK
+        f = open(path, "a+")  # noqa: SIM115 - held for the with-block
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise LineageError(f"run {self.root.parent} is in use by PID {holder} (a generations process "
+                                   f"is running on it); wait for it or stop it (Ctrl-C or a STOP file)") from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.close()  # releases the flock
+
     def save_weights(self, generation: int, lopt, theta) -> tuple[str, str]:
         """Write a generation's weights (idempotent); returns (path relative to the root, sha256)."""
         rel = f"weights/gen-{generation:04d}"
         ckpt.save_learned_optimizer(self.root / rel, lopt, theta, generation=generation)
         return rel, weights_digest(self.root / rel)
 
-    def append(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Append one entry (chain fields are filled in here); verifies the chain first."""
+    def append(self, entry: dict[str, Any],
+               precondition: Callable[[LineageState], dict[str, Any] | None] | None = None) -> dict[str, Any]:
+        """Append one entry (chain fields are filled in here); verifies the chain first. ``precondition``
+        sees the state read *under the lock* and raises when the entry may not be appended (it may return
+        fields to add), so two processes cannot both pass a check such as "generation 3 is pending"."""
         with self._lock():
             entries = self.verify(check_weights=False)
             e = dict(entry)
+            if precondition is not None:
+                e.update(precondition(self.state(entries)) or {})
             e.update(index=len(entries), prev_hash=entries[-1]["hash"] if entries else GENESIS,
                      time=e.get("time", time.strftime("%Y-%m-%dT%H:%M:%S%z")))
-            e["hash"] = canonical_hash(e)
+            e["format"] = 2  # has a head record
+            key = lineage_key()
+            if key is not None:
+                e["signed"] = True
+            e["hash"] = canonical_hash(e, key)
             self.entries_dir.mkdir(parents=True, exist_ok=True)
             path = self.entries_dir / f"{e['index']:06d}.json"
             if path.exists():
                 raise LineageError(f"{path} already exists: the lineage is append-only")
             ckpt.atomic_write_json(path, e)
+            ckpt.atomic_write_json(self.root / HEAD, self.head_of(e))
             return e
+
+    @staticmethod
+    def head_of(last: dict[str, Any]) -> dict[str, Any]:
+        """The head record after ``last``: what :meth:`verify` checks the entries against."""
+        return {"count": last["index"] + 1, "hash": last["hash"]}
 
     def append_approval(self, generation: int, decision: str, by: str = "") -> dict[str, Any]:
         if decision not in ("approve", "reject"):
             raise LineageError(f"decision must be approve or reject, got {decision!r}")
-        st = self.state(self.verify())
-        if st.status.get(generation) != PENDING:
-            raise LineageError(f"generation {generation} has no pending verdict "
-                               f"(status: {st.status.get(generation, 'not in the lineage')})")
-        return self.append({"kind": "approval", "generation": generation, "decision": decision, "by": by})
+        def pending(st: LineageState) -> None:
+            if st.status.get(generation) != PENDING:
+                raise LineageError(f"generation {generation} has no pending verdict "
+                                   f"(status: {st.status.get(generation, 'not in the lineage')})")
+
+        return self.append({"kind": "approval", "generation": generation, "decision": decision, "by": by},
+                           precondition=pending)
 
     def append_rollback(self, generation: int, reason: str = "") -> dict[str, Any]:
-        st = self.state(self.verify())
-        if st.status.get(generation) != ADOPTED:
-            raise LineageError(f"can only roll back to an adopted generation; generation {generation} is "
-                               f"{st.status.get(generation, 'not in the lineage')}")
-        return self.append({"kind": "rollback", "to": generation, "from": st.incumbent, "reason": reason})
+        def adopted(st: LineageState) -> dict[str, Any]:
+            if st.status.get(generation) != ADOPTED:
+                raise LineageError(f"can only roll back to an adopted generation; generation {generation} is "
+                                   f"{st.status.get(generation, 'not in the lineage')}")
+            return {"from": st.incumbent}
+
+        return self.append({"kind": "rollback", "to": generation, "reason": reason}, precondition=adopted)

@@ -37,7 +37,8 @@ from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorSt
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
-from optimizers.learned import LearnedOptimizer
+from optimizers.learned import ConfigError, LearnedOptimizer
+from optimizers.transforms import WarmDown
 from optimizers.tree import Params, flatten
 from tasks import get_distribution, seeded
 
@@ -84,6 +85,29 @@ def _fill(template: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
     return walk(template, "")
 
 
+def _check_trainer_meta(meta: dict, cfg: RunConfig, path) -> None:
+    """The JSON side of a meta-training checkpoint, checked before it is used (older records are not
+    hashed; a damaged one must be a clear error, not a traceback or a silently wrong resume)."""
+    def bad(what: str):
+        return ckpt.CheckpointError(f"{path}: invalid checkpoint metadata: {what}")
+
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"step must be a non-negative integer, got {step!r}")
+    members = meta.get("members")
+    if not isinstance(members, list) or len(members) != cfg.meta.population:
+        raise bad(f"members must list the population's {cfg.meta.population} members")
+    for i, m in enumerate(members):
+        if not isinstance(m, dict) or not {"task_config", "episode", "t", "length"} <= set(m):
+            raise bad(f"member {i} lacks task_config / episode / t / length")
+        if any(isinstance(m[k], bool) or not isinstance(m[k], int) or m[k] < 0 for k in ("episode", "t", "length")):
+            raise bad(f"member {i}: episode, t and length must be non-negative integers")
+    for k in ("nonfinite", "episodes_done", "bad_steps"):
+        v = meta.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"{k} must be a non-negative integer, got {v!r}")
+
+
 class MetaTrainer:
     def __init__(self, cfg: RunConfig, outer: Optimizer | None = None, theta: Params | None = None):
         self.cfg = cfg
@@ -92,6 +116,8 @@ class MetaTrainer:
         self.estimator = make_estimator(cfg.meta, self.lopt, self.dist)
         # a learned outer optimizer that sees the fraction of training runs for meta.outer_steps
         self.outer = for_horizon(outer if outer is not None else make_outer_optimizer(cfg.meta), cfg.meta.outer_steps)
+        if cfg.meta.outer_decay > 0 and not getattr(self.outer, "horizon_aware", False):
+            self.outer = WarmDown(self.outer, max(cfg.meta.outer_steps, 1), cfg.meta.outer_decay)
         self.theta: Params = theta if theta is not None else self.lopt.init_theta(seeded("theta", cfg.meta.seed))
         self.theta0 = {k: v.clone() for k, v in self.theta.items()}
         self.outer_state = self.outer.init(self.theta)
@@ -272,7 +298,11 @@ class MetaTrainer:
         tensors, meta = D.load_checkpoint(path)  # ckpt.load; under a process group rank 0 reads, broadcasts
         if meta.get("kind") != "meta_train":
             raise ckpt.CheckpointError(f"{path} is not a meta-training checkpoint (kind={meta.get('kind')!r})")
-        cfg = cfg or RunConfig.from_dict(meta["run_config"])
+        try:
+            cfg = cfg or RunConfig.from_dict(meta["run_config"])
+        except (KeyError, TypeError, ConfigError) as e:
+            raise ckpt.CheckpointError(f"{path}: invalid run config in the checkpoint: {e}") from e
+        _check_trainer_meta(meta, cfg, path)
         self = cls(cfg, outer=outer)
         self.theta = _fill(self.theta, tensors, "theta")
         self.theta0 = _fill(self.theta0, tensors, "theta0")

@@ -9,7 +9,8 @@ itself. Losses of ``params_1..params_K`` are exactly the values computed for the
 so the meta-loss costs one extra forward per truncation, not one per step.
 
 Validation meta-losses use ``batches[k]`` from the validation split for the meta-term, so a second
-batch sequence is passed in ``valid_batches``.
+batch sequence is passed in ``valid_batches``; ``log_train_valid`` averages the log training and the
+log validation terms (an optimizer that trains fast but overfits pays for it).
 
 The function is pure, so the same code is differentiated (truncated backprop) and vmapped over
 antithetic perturbations (ES / PES). The inner gradient is pluggable: ``torch.func.grad_and_value``
@@ -31,7 +32,7 @@ from optimizers.base import LearnableOptimizer
 from optimizers.tree import Params
 from tasks.base import Batch, Task
 
-META_LOSSES = ("log_train", "train", "log_valid", "valid")
+META_LOSSES = ("log_train", "train", "log_valid", "valid", "log_train_valid")
 
 
 def meta_term(task: Task, loss: Tensor, kind: str) -> Tensor:
@@ -78,6 +79,9 @@ def unroll(
             losses.append(loss)
             if valid_batches is None:
                 terms.append(meta_term(task, loss, meta_loss))
+            elif meta_loss == "log_train_valid":  # both, in log units: neither scale dominates
+                terms.append(0.5 * (meta_term(task, loss, "log_train")
+                                    + meta_term(task, task.loss(params, valid_batches[k]), "log_valid")))
             else:
                 terms.append(meta_term(task, task.loss(params, valid_batches[k]), meta_loss))
         if k < n:

@@ -33,6 +33,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or of an unexpected kind; the message says which file."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's temporary files are 0600
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,6 +51,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -57,15 +67,23 @@ def save(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> 
     """Atomically write a checkpoint directory at ``path``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for leftover in path.glob(".*.tmp"):  # a write killed mid-way (one writer per checkpoint directory)
+        leftover.unlink(missing_ok=True)
     blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     digest = hashlib.sha256(blob).hexdigest()
     name = f"tensors-{digest[:16]}.safetensors"
     atomic_write_bytes(path / name, blob)
-    atomic_write_json(path / RECORD, {"format": FORMAT, "tensors": name, "sha256": digest, "meta": meta})
+    atomic_write_json(path / RECORD, {"format": FORMAT, "tensors": name, "sha256": digest, "meta": meta,
+                                      "meta_sha256": meta_digest(meta)})
     for old in path.glob("tensors-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
     return path
+
+
+def meta_digest(meta: Any) -> str:
+    """sha256 of the metadata's canonical JSON: the record's JSON side is covered like its tensors."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 def exists(path: str | Path) -> bool:
@@ -92,11 +110,19 @@ def load(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise CheckpointError(
             f"corrupt checkpoint: {tensors_path} does not match the sha256 recorded in {record_path}"
         )
+    meta = record.get("meta", {})
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"corrupt checkpoint record {record_path}: 'meta' is not a JSON object")
+    # records written before the metadata was hashed have no meta_sha256 (their fields are validated
+    # by whoever reads them)
+    if "meta_sha256" in record and record["meta_sha256"] != meta_digest(meta):
+        raise CheckpointError(f"corrupt checkpoint: the metadata in {record_path} does not match its recorded "
+                              f"sha256 (edited or damaged)")
     try:
         tensors = st_load(blob)
     except Exception as e:  # noqa: BLE001 - any parse failure is corruption
         raise CheckpointError(f"corrupt checkpoint: cannot parse {tensors_path}: {e}") from e
-    return tensors, record.get("meta", {})
+    return tensors, meta
 
 
 # ---- learned optimizers ----------------------------------------------------------------------

@@ -297,3 +297,25 @@ def test_generations_under_two_processes_match_one_and_resume_after_a_killed_ran
     log = (two / "gen-0000" / "candidate" / "metrics.jsonl").read_text()
     steps = [json.loads(line)["step"] for line in log.splitlines()]
     assert steps == [1, 2, 3, 4]  # rank 0 alone logged; the resumed run dropped the dead attempt's step 3
+
+
+# ---- --procs: train.py re-launches itself under torchrun ----------------------------------------------
+def test_procs_flag_relaunches_under_torchrun_with_the_same_maths(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    base = [sys.executable, str(ROOT / "train.py"), "meta-train", "--preset", "smoke", "--quiet",
+            "--meta.population", "4", "--meta.outer_steps", "3"]
+    r1 = _run([*base, "--out-dir", str(one)])
+    r2 = _run([*base, "--out-dir", str(two), "--procs", "2"])
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert "running on 2 processes" in r2.stderr and "2 processes (gloo)" in r2.stdout
+    from optimizers import checkpoint as ckpt
+
+    (a, ma), (b, mb) = ckpt.load(one / "checkpoint"), ckpt.load(two / "checkpoint")
+    assert ma["step"] == mb["step"] == 3
+    for k in a:
+        if k.startswith("theta/"):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    # a bad value fails once, in the parent, before anything is launched
+    r3 = _run([*base, "--out-dir", str(tmp_path / "bad"), "--procs", "2", "--meta.outer_lr", "nan"])
+    assert r3.returncode == 2 and "running on" not in r3.stderr and "meta.outer_lr" in r3.stderr

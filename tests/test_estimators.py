@@ -177,3 +177,17 @@ def test_bad_estimator_settings_raise():
         TruncatedBackprop(LO, DIST, meta_loss="accuracy")
     with pytest.raises(ValueError, match="sigma"):
         TruncatedES(LO, DIST, sigma=0.0)
+
+
+def test_log_train_valid_meta_loss_is_the_mean_of_the_log_train_and_log_valid_ones():
+    theta = _theta()
+    tb = TruncatedBackprop(LO, DIST, **_kw(meta_loss="log_train_valid"))
+    m = tb.init(theta).members[0]
+    train, valid = tb.batches(0, m, 4)
+    assert valid is not None and len(valid) == len(train)
+    task = tb.task_of(m)
+    mix = unroll(LO, task, theta, m.params, m.opt_state, train, "log_train_valid", valid)[0]
+    log_train = unroll(LO, task, theta, m.params, m.opt_state, train, "log_train")[0]
+    log_valid = unroll(LO, task, theta, m.params, m.opt_state, train, "log_valid", valid)[0]
+    torch.testing.assert_close(mix, 0.5 * (log_train + log_valid))
+    assert not torch.allclose(log_train, log_valid)  # the two terms differ, so the test can fail

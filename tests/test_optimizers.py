@@ -297,3 +297,36 @@ def test_config_round_trip():
     again = LOConfig.from_dict(cfg.to_dict())
     assert again == cfg
     assert LearnedOptimizer(again).num_theta() == LearnedOptimizer(cfg).num_theta()
+
+
+# ---- transforms -----------------------------------------------------------------------------------
+def test_warm_down_scales_the_last_fraction_of_updates_to_zero():
+    from optimizers.hand import SGD
+    from optimizers.transforms import WarmDown
+
+    opt = WarmDown(SGD(lr=1.0), total_steps=8, fraction=0.5)
+    assert [opt.factor(s) for s in range(9)] == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+    p = {"x": torch.zeros(2)}
+    st = opt.init(p)
+    steps = []
+    for _ in range(8):
+        new, st = opt.update({"x": -torch.ones(2)}, st, p)  # SGD step +1, scaled
+        steps.append(float((new["x"] - p["x"])[0]))
+        p = new
+    assert steps == [1, 1, 1, 1, 1, 0.75, 0.5, 0.25] and int(st["step"]) == 8
+    with pytest.raises(ValueError):
+        WarmDown(SGD(), total_steps=8, fraction=0.0)
+
+
+def test_time_features_folded_into_the_first_bias_match_concatenation():
+    from optimizers.learned import LearnedOptimizer, LOConfig
+
+    lopt = LearnedOptimizer(LOConfig())
+    bound = lopt.bind(lopt.init_theta(0), total_steps=100)
+    torch.manual_seed(0)
+    n_time = lopt.config.num_time_features
+    x = torch.randn(50, lopt.config.num_inputs - n_time)
+    t = torch.randn(n_time)
+    folded = bound._mlp(x, t)
+    concat = bound._mlp(torch.cat([x, t.expand(50, -1)], dim=1))
+    torch.testing.assert_close(folded, concat, rtol=1e-5, atol=1e-6)

@@ -101,6 +101,10 @@ def test_invalid_entries_raise_checkpoint_error(root):
     record = json.loads(record_path.read_text())
     record["meta"]["lo_config"]["rms_decay"] = 1.5
     record_path.write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match="does not match its recorded sha256"):  # the JSON is hashed
+        pretrained.load("bad_config")
+    del record["meta_sha256"]  # an older, unhashed record: the config itself is validated
+    record_path.write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="invalid learned-optimizer config"):
         pretrained.load("bad_config")
 

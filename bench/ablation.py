@@ -51,6 +51,23 @@ VARIANTS: dict[str, dict[str, str]] = {
     "normalized": {"lo.design": "normalized", "lo.time_features": "fraction", "lo.step_scale": "width"},
     "controller_logu": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width",
                         "meta.schedule": "log_uniform", "meta.min_horizon": "100", "meta.max_horizon": "2000"},
+    # the preset after it moved to 2 processes (session 2): constant outer lr, the warm-down default,
+    # and two meta-objectives that weigh validation loss
+    "constant_outer_lr": {"meta.outer_decay": "0"},
+    "default": {},
+    "objective_valid": {"meta.meta_loss": "valid"},
+    "objective_log_train_valid": {"meta.meta_loss": "log_train_valid"},
+}
+# what a reader must know to compare rows measured under different presets / code
+NOTES = {
+    "legacy": "preset of session 1: 1 process, constant outer lr",
+    "controller": "preset of session 1: 1 process, constant outer lr",
+    "controller_rms": "preset of session 1: 1 process, constant outer lr",
+    "normalized": "preset of session 1: 1 process, constant outer lr",
+    "constant_outer_lr": "2 processes; before the cached-decay / addmm step (same maths, other rounding)",
+    "default": "2 processes, outer lr warm-down over the last 25%; the committed default",
+    "objective_valid": "2 processes, warm-down; meta-loss = validation loss",
+    "objective_log_train_valid": "2 processes, warm-down; meta-loss = (log train + log valid) / 2",
 }
 
 
@@ -214,6 +231,10 @@ def markdown(rows: list[dict], command: str) -> str:
             f"| {r['variant']} | {ov} | {_fmt(r.get('H_train_loss'))} | {_fmt(r.get('H_valid_loss'))} | "
             f"{_fmt(r.get('10H_train_loss'))} | {_fmt(r.get('10H_valid_loss'))} | {r.get('10H_diverged', '-')} | "
             f"{loop} | {cpu} |")
+    notes = [f"- `{r['variant']}`: {NOTES[r['variant']]}" for r in rows if r["variant"] in NOTES]
+    if notes:
+        lines += ["", "Rows were measured under different presets and code versions; meta-training is chaotic (a "
+                  "change of float rounding gives another final iterate), so compare rows of one group:", "", *notes]
     suite_rows = [r for r in rows if r.get("suite")]
     if suite_rows:
         lines += ["", "## Generalisation suite (`train.py evaluate --suite generalisation`, 4 tasks per group)", "",

@@ -57,7 +57,7 @@ from meta import distributed as D
 from meta.config import RunConfig
 from meta.evaluate import TUNED_ADAM
 from meta.governor import Candidate, Governor, Verdict
-from meta.lineage import ADOPTED, PENDING, REJECTED, Lineage, LineageError
+from meta.lineage import ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key
 from meta.trainer import MetaTrainer
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer
@@ -94,6 +94,13 @@ def clear_run_dir(run_dir: str | Path) -> None:
                           f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); refusing to delete it. "
                           f"Choose another --out-dir or remove it yourself")
     shutil.rmtree(run_dir)
+
+
+def _review_digest(data: dict) -> str:
+    """Digest of a cached review's verdict and evidence: sha256, or HMAC-SHA256 under
+    ``OUROBOROS_LINEAGE_KEY`` (then an edited review cannot be re-signed without the key). A review that
+    does not match is done again, not trusted: a "reject" edited into "adopt" must not reach the lineage."""
+    return canonical_hash({"verdict": data.get("verdict"), "evidence": data.get("evidence")}, lineage_key())
 
 
 def gen_dir(run_dir: Path, g: int) -> Path:
@@ -305,8 +312,11 @@ class GenerationRunner:
                incumbent: Candidate | None) -> tuple[Verdict, dict]:
         path = gen_dir(self.run_dir, g) / "review.json"
         data = D.run_on_main(_read_json, path)
-        if data is not None:  # reviewed before a crash: the review is deterministic, reuse it
-            return Verdict(**data["verdict"]), data["evidence"]
+        if data is not None and _review_digest(data) == data.get("digest"):
+            return Verdict(**data["verdict"]), data["evidence"]  # reviewed before a crash: deterministic, reuse
+        if data is not None:
+            self.log(f"gen {g}: the cached review {path} does not match its digest (edited, damaged, or "
+                     f"signed with another {KEY_ENV}); reviewing again")
         lo = cand.lopt.config
         candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
                               train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
@@ -323,7 +333,8 @@ class GenerationRunner:
         def write() -> None:
             if results is not None:
                 ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results)
-            ckpt.atomic_write_json(path, {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)})
+            body = {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)}
+            ckpt.atomic_write_json(path, {**body, "digest": _review_digest(body)})
 
         D.run_on_main(write)
         return verdict, ev

@@ -219,3 +219,23 @@ def test_successor_may_change_architecture(tmp_path):
     assert gen0["lo_config"]["hidden_width"] == 8 and gen1["lo_config"]["hidden_width"] == 4
     assert gen1["trained_by"] == "gen-0" and gen1["parent"] is None  # new architecture: fresh start
     assert gen1["num_theta"] < gen0["num_theta"]
+
+
+def test_an_edited_cached_review_is_done_again_not_trusted(tmp_path):
+    """A review cached before a kill, then edited ("reject" -> "adopt"), must not reach the lineage."""
+    from meta.trainer import MetaTrainer
+
+    cfg = _cfg(tmp_path, gens=1, min_improvement=100.0)  # a governor that rejects everything
+    logs: list[str] = []
+    runner = GenerationRunner(cfg, cfg.out_dir, progress=False, log=logs.append)
+    cand = MetaTrainer(replace(cfg, out_dir=str(tmp_path / "cand")))
+    verdict, _ = runner.review(0, cand, None, None)
+    assert verdict.decision == "reject"
+    path = gen_dir(cfg.out_dir, 0) / "review.json"
+    data = json.loads(path.read_text())
+    assert runner.review(0, cand, None, None)[0].decision == "reject" and not logs[1:]  # reused as is
+    data["verdict"]["decision"] = "adopt"
+    path.write_text(json.dumps(data))
+    verdict, _ = runner.review(0, cand, None, None)
+    assert verdict.decision == "reject"
+    assert any("does not match its digest" in s for s in logs)

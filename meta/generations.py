@@ -57,7 +57,8 @@ from meta import distributed as D
 from meta.config import RunConfig
 from meta.evaluate import TUNED_ADAM
 from meta.governor import Candidate, Governor, Verdict
-from meta.lineage import ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key
+from meta.lineage import (ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key,
+                          weights_digest)
 from meta.trainer import MetaTrainer
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer
@@ -360,7 +361,7 @@ class GenerationRunner:
             cpath = gen_dir(self.run_dir, g) / "control_lopt"
             ckpt.save_learned_optimizer(cpath, control.lopt, control.theta, generation=g, arm="control")
             control_rec = {"weights": str(cpath.relative_to(self.run_dir)), "trained_by": "adam",
-                           "steps": control.step}
+                           "steps": control.step, "weights_sha256": weights_digest(cpath)}
         st = self.lineage.state()
         entry = {
             "kind": "generation",

@@ -144,6 +144,19 @@ class Lineage:
                     raise LineageError(f"lineage entry {i}: weights {wpath} do not match their recorded "
                                        f"sha256 (the weights were replaced)")
                 ckpt.load(wpath)  # verifies the tensors file against its own sha256
+            control = e.get("control") if check_weights and e.get("kind") == "generation" else None
+            if isinstance(control, dict) and control.get("weights_sha256"):  # recorded since session 2
+                cpath = self.root.parent / control["weights"]
+                if not cpath.resolve().is_relative_to(self.root.parent.resolve()):
+                    raise LineageError(f"lineage entry {i}: control weights {control['weights']!r} point outside the run")
+                if not (cpath / ckpt.RECORD).is_file() or weights_digest(cpath) != control["weights_sha256"]:
+                    raise LineageError(f"lineage entry {i}: control-arm weights {cpath} are missing or do not "
+                                       f"match their recorded sha256")
+            if e.get("kind") == "rollback":
+                target = self.state(entries[:i]).status.get(e.get("to"))
+                if target != ADOPTED:
+                    raise LineageError(f"lineage entry {i}: rollback to generation {e.get('to')!r}, which was "
+                                       f"{target or 'not in the lineage'} at that point")
             prev = e["hash"]
         head = self.root / HEAD
         if head.is_file():

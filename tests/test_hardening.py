@@ -328,3 +328,24 @@ def test_a_weights_path_outside_the_run_is_refused_even_when_hashed(tmp_path):
                 "weights": f"../../other/lineage/{rel}", "weights_sha256": digest})
     with pytest.raises(LineageError, match="outside"):
         lin.verify()
+
+
+def test_replaced_control_arm_weights_and_a_forged_rollback_are_detected(tmp_path):
+    from meta.lineage import Lineage, LineageError, weights_digest
+    from optimizers import LearnedOptimizer, LOConfig
+
+    run = tmp_path / "run"
+    lopt = LearnedOptimizer(LOConfig(hidden_width=4, hidden_layers=1))
+    cpath = run / "gen-0001" / "control_lopt"
+    ckpt.save_learned_optimizer(cpath, lopt, lopt.init_theta(0))
+    lin = Lineage(run)
+    lin.append({"kind": "generation", "generation": 0, "status": "adopted",
+                "control": {"weights": "gen-0001/control_lopt", "weights_sha256": weights_digest(cpath)}})
+    lin.verify()
+    ckpt.save_learned_optimizer(cpath, lopt, lopt.init_theta(1))  # swapped for other weights
+    with pytest.raises(LineageError, match="control-arm weights"):
+        lin.verify()
+    ckpt.save_learned_optimizer(cpath, lopt, lopt.init_theta(0))
+    lin.append({"kind": "rollback", "to": 99, "reason": "forged"})  # bypasses append_rollback's check
+    with pytest.raises(LineageError, match="rollback to generation 99"):
+        lin.verify()

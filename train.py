@@ -347,7 +347,6 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     """Meta-train per ``cfg``; returns the trainer. Refuses to clobber an existing run silently. A resumed
     run keeps the checkpoint's config (``explicit``: the keys the user set, checked against it)."""
     from meta import distributed as D
-    from meta.config import RunConfig
     from meta.logging import MetricsLogger
     from meta.trainer import MetaTrainer, MetaTrainingError, StopFlag
     from optimizers import checkpoint as ckpt
@@ -361,12 +360,9 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     if resume:
         if not exists:
             raise ConfigError(f"--resume: no checkpoint at {path} (nothing to resume)")
-        stored_dict = D.load_checkpoint(path)[1].get("run_config")
-        if not isinstance(stored_dict, dict):
-            raise ckpt.CheckpointError(f"{path}: the checkpoint holds no run config to resume")
-        stored = RunConfig.from_dict(stored_dict)
-        cfg = resumed_config(stored, cfg, explicit or set())
-        trainer = MetaTrainer.load(path, cfg)
+        requested = cfg
+        trainer = MetaTrainer.load(path, adjust=lambda stored: resumed_config(stored, requested, explicit or set()))
+        cfg = trainer.cfg
         print(f"[ouroboros] resumed from {path} at step {trainer.step}/{cfg.meta.outer_steps}", flush=True)
     else:
         if exists and not overwrite:

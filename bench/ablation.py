@@ -59,11 +59,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "objective_log_train_valid": {"meta.meta_loss": "log_train_valid"},
 }
 # what a reader must know to compare rows measured under different presets / code
+_SESSION1 = "preset of session 1: 1 process, constant outer lr"
 NOTES = {
-    "legacy": "preset of session 1: 1 process, constant outer lr",
-    "controller": "preset of session 1: 1 process, constant outer lr",
-    "controller_rms": "preset of session 1: 1 process, constant outer lr",
-    "normalized": "preset of session 1: 1 process, constant outer lr",
+    **{v: _SESSION1 for v in ("legacy", "controller", "controller_rms", "normalized")},
     "constant_outer_lr": "2 processes; before the cached-decay / addmm step (same maths, other rounding)",
     "default": "2 processes, outer lr warm-down over the last 25%; the committed default",
     "objective_valid": "2 processes, warm-down; meta-loss = validation loss",

@@ -206,8 +206,8 @@ class RunConfig:
             raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"wandb must be offline, online or disabled, got {self.wandb!r}")
-        if isinstance(self.procs, bool) or not isinstance(self.procs, int) or self.procs < 1:
-            raise ConfigError(f"procs must be an integer >= 1, got {self.procs!r}")
+        if self.procs < 1:  # an integer: check_types
+            raise ConfigError(f"procs must be >= 1, got {self.procs}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be >= 1")
 

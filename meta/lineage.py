@@ -115,7 +115,7 @@ class Lineage:
     def verify(self, *, check_weights: bool = True) -> list[dict[str, Any]]:
         """Check the hash chain (and each generation's weights); returns the entries or raises."""
         entries = self.entries()
-        prev = GENESIS
+        prev, key = GENESIS, lineage_key()
         files = sorted(self.entries_dir.glob("*.json")) if entries else []
         for i, (e, path) in enumerate(zip(entries, files)):
             if path.name != f"{i:06d}.json" or e.get("index") != i:
@@ -124,7 +124,6 @@ class Lineage:
             if e.get("prev_hash") != prev:
                 raise LineageError(f"lineage entry {i}: prev_hash does not match entry {i - 1}'s hash "
                                    f"(the chain was edited)")
-            key = lineage_key()
             if e.get("signed") and key is None:
                 raise LineageError(f"lineage entry {i} is signed: set {KEY_ENV} to verify this lineage")
             if key is not None and not e.get("signed"):
@@ -133,25 +132,14 @@ class Lineage:
             if canonical_hash(e, key if e.get("signed") else None) != e.get("hash"):
                 raise LineageError(f"lineage entry {i} ({path}): content does not match its hash "
                                    f"(the entry was edited{', or signed with another key' if key else ''})")
-            if check_weights and e.get("kind") == "generation" and e.get("weights"):
-                wpath = self.root / e["weights"]
-                if not wpath.resolve().is_relative_to(self.root.resolve()):
-                    raise LineageError(f"lineage entry {i}: weights path {e['weights']!r} points outside "
-                                       f"this run's lineage ({self.root})")
-                if not (wpath / ckpt.RECORD).is_file():
-                    raise LineageError(f"lineage entry {i}: weights {wpath} are missing")
-                if weights_digest(wpath) != e.get("weights_sha256"):
-                    raise LineageError(f"lineage entry {i}: weights {wpath} do not match their recorded "
-                                       f"sha256 (the weights were replaced)")
-                ckpt.load(wpath)  # verifies the tensors file against its own sha256
-            control = e.get("control") if check_weights and e.get("kind") == "generation" else None
-            if isinstance(control, dict) and control.get("weights_sha256"):  # recorded since session 2
-                cpath = self.root.parent / control["weights"]
-                if not cpath.resolve().is_relative_to(self.root.parent.resolve()):
-                    raise LineageError(f"lineage entry {i}: control weights {control['weights']!r} point outside the run")
-                if not (cpath / ckpt.RECORD).is_file() or weights_digest(cpath) != control["weights_sha256"]:
-                    raise LineageError(f"lineage entry {i}: control-arm weights {cpath} are missing or do not "
-                                       f"match their recorded sha256")
+            if check_weights and e.get("kind") == "generation":
+                if e.get("weights"):
+                    self._check_weights(i, "weights", self.root, e["weights"], e.get("weights_sha256"))
+                    ckpt.load(self.root / e["weights"])  # verifies the tensors file against its own sha256
+                control = e.get("control")
+                if isinstance(control, dict) and control.get("weights_sha256"):  # recorded since session 2
+                    self._check_weights(i, "control-arm weights", self.root.parent, control["weights"],
+                                        control["weights_sha256"])
             if e.get("kind") == "rollback":
                 target = self.state(entries[:i]).status.get(e.get("to"))
                 if target != ADOPTED:
@@ -170,6 +158,19 @@ class Lineage:
         elif any(e.get("format", 1) >= 2 for e in entries):  # format 1 lineages predate the head record
             raise LineageError(f"{head} is missing: the lineage's head record was removed")
         return entries
+
+    @staticmethod
+    def _check_weights(i: int, what: str, base: Path, rel: str, digest: str | None) -> None:
+        """Entry ``i``'s weights at ``base / rel``: inside ``base`` (not another run's), present, and
+        matching their recorded sha256."""
+        path = base / rel
+        if not path.resolve().is_relative_to(base.resolve()):
+            raise LineageError(f"lineage entry {i}: {what} path {rel!r} points outside {base}")
+        if not (path / ckpt.RECORD).is_file():
+            raise LineageError(f"lineage entry {i}: {what} {path} are missing")
+        if weights_digest(path) != digest:
+            raise LineageError(f"lineage entry {i}: {what} {path} do not match their recorded sha256 "
+                               f"(the weights were replaced)")
 
     def state(self, entries: list[dict[str, Any]] | None = None) -> LineageState:
         st = LineageState()

@@ -293,15 +293,19 @@ class MetaTrainer:
         return D.run_on_main(ckpt.save, path or self.checkpoint_path, tensors, meta)
 
     @classmethod
-    def load(cls, path: str | Path, cfg: RunConfig | None = None, outer: Optimizer | None = None) -> "MetaTrainer":
-        """Restore a trainer from a checkpoint (its own config unless ``cfg`` is given)."""
+    def load(cls, path: str | Path, cfg: RunConfig | None = None, outer: Optimizer | None = None,
+             adjust: Callable[[RunConfig], RunConfig] | None = None) -> "MetaTrainer":
+        """Restore a trainer from a checkpoint: with ``cfg`` if given, else its own config passed through
+        ``adjust`` (e.g. the changes a resume may make to it)."""
         tensors, meta = D.load_checkpoint(path)  # ckpt.load; under a process group rank 0 reads, broadcasts
         if meta.get("kind") != "meta_train":
             raise ckpt.CheckpointError(f"{path} is not a meta-training checkpoint (kind={meta.get('kind')!r})")
-        try:
-            cfg = cfg or RunConfig.from_dict(meta["run_config"])
-        except (KeyError, TypeError, ConfigError) as e:
-            raise ckpt.CheckpointError(f"{path}: invalid run config in the checkpoint: {e}") from e
+        if cfg is None:
+            try:
+                cfg = RunConfig.from_dict(meta["run_config"])
+            except (KeyError, TypeError, ConfigError) as e:
+                raise ckpt.CheckpointError(f"{path}: invalid run config in the checkpoint: {e}") from e
+            cfg = adjust(cfg) if adjust is not None else cfg
         _check_trainer_meta(meta, cfg, path)
         self = cls(cfg, outer=outer)
         self.theta = _fill(self.theta, tensors, "theta")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer
@@ -71,8 +72,6 @@ class WarmDown:
         return max(0.0, (self.total_steps - step) / (self.total_steps - start))
 
     def init(self, params: Params) -> Any:
-        import torch
-
         return {"inner": self.opt.init(params), "step": torch.zeros((), dtype=torch.float64)}
 
     def update(self, grads: Params, state: Any, params: Params, *, loss: Tensor | None = None):

@@ -64,6 +64,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from meta import stats
+from meta.eval_cache import EvalCache, optimizer_fingerprint, task_key
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import SGD, Adam
 from tasks.base import Task, TaskDistribution, seeded
@@ -141,9 +142,16 @@ def horizon_labels(horizon: int, long_horizon: int) -> dict[str, int]:
 
 # ---- one task --------------------------------------------------------------------------------
 def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[str, Sequence[float]],
-              horizons: Mapping[str, int], steps_to_record: Sequence[int], seed: int, ema: float) -> dict:
-    """Run all optimizers and grids on one task; returns the JSON-able per-task record."""
+              horizons: Mapping[str, int], steps_to_record: Sequence[int], seed: int, ema: float,
+              cached_grid: dict | None = None) -> dict:
+    """Run all optimizers and grids on one task; returns the JSON-able per-task record.
+
+    ``cached_grid`` (from :class:`meta.eval_cache.EvalCache`): the grids' part of an earlier record of
+    this task under the same protocol; the grid lanes are then not run. The record's ``"_grid"`` entry
+    is that part (for the cache; the caller removes it)."""
     t_start = time.perf_counter()
+    if cached_grid is not None:
+        grids = {}
     n_steps = max(horizons.values())
     record = set(steps_to_record) | set(horizons.values())
     gen = seeded("evaluate", seed, task.seed)
@@ -267,8 +275,10 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
                 lane_div[j] = int(idx[0])
                 arr[lane_div[j]:, j] = max_loss
         lane_smoothed = _ema(arr, ema)
-    adam_sl = slices["adam"]
-    envelope = np.minimum.accumulate(lane_smoothed[:, adam_sl].min(axis=1))
+    if cached_grid is not None:
+        envelope = np.asarray(cached_grid["envelope"], dtype=np.float64)
+    else:
+        envelope = np.minimum.accumulate(lane_smoothed[:, slices["adam"]].min(axis=1))
 
     def lane_params(t: int, j: int) -> dict:
         return {k: v[j].reshape(shapes[k]) for k, v in lane_snaps[t].items()}
@@ -306,6 +316,10 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
             }
         results[GRID_RESULT_NAME[gname]] = out
         grid_records[gname] = rec
+    if cached_grid is not None:
+        results = dict(cached_grid["results"])
+        grid_records = dict(cached_grid["grids"])
+    grid_part = {"results": dict(results), "grids": grid_records, "envelope": envelope.tolist()}
 
     curves: dict[str, dict[int, float]] = {}
     for n in names:
@@ -338,6 +352,7 @@ def _run_task(task: Task, optimizers: Mapping[str, Optimizer], grids: Mapping[st
         "run_seconds": run_seconds,
         "results": results,
         "grids": grid_records,
+        "_grid": grid_part,
     }
 
 
@@ -350,11 +365,34 @@ def _init_worker() -> None:
 
 
 def _work(index: int) -> dict:
+    """One task's record. With a cache (``spec["cache"]``), the grid lanes and the optimizers already
+    evaluated on this task under this protocol are looked up, and only the rest is run; the record then
+    carries ``_cache_key`` so the parent can store what was computed."""
     spec = _WORK
     assert spec is not None, "worker started without a work spec"
     task = spec["dist"].task(spec["split"], index)
-    rec = _run_task(task, spec["optimizers"], spec["grids"], spec["horizons"], spec["curve_steps"],
-                    spec["seed"], spec["ema"])
+    cache, optimizers = spec.get("cache"), spec["optimizers"]
+    if cache is None:
+        rec = _run_task(task, optimizers, spec["grids"], spec["horizons"], spec["curve_steps"],
+                        spec["seed"], spec["ema"])
+        rec.pop("_grid")
+    else:
+        key = task_key(spec["dist"].digest(), spec["split"], task, spec["protocol"])
+        hits = {n: cache.result(key, spec["fingerprints"][n]) for n in optimizers}
+        todo = {n: o for n, o in optimizers.items() if hits[n] is None}
+        cached_grid = cache.grid(key)
+        if todo or cached_grid is None:
+            rec = _run_task(task, todo, spec["grids"], spec["horizons"], spec["curve_steps"], spec["seed"],
+                            spec["ema"], cached_grid=cached_grid)
+        else:  # everything known: no run at all
+            rec = {"seed": task.seed, "config": task.config, "max_loss": float(task.max_loss),
+                   "run_seconds": 0.0, "results": dict(cached_grid["results"]),
+                   "grids": dict(cached_grid["grids"]), "_grid": cached_grid}
+        found = {n: r for n, r in hits.items() if r is not None}
+        rec["results"] = {**{n: r for n, r in rec["results"].items() if n not in optimizers},
+                          **{n: found[n] if n in found else rec["results"][n] for n in optimizers}}
+        rec["_cache_key"] = key
+        rec["_cache_hits"] = len(found) + (cached_grid is not None)
     rec["split_index"] = index
     return rec
 
@@ -389,6 +427,7 @@ def evaluate(
     ci_method: str = "t",
     start: int = 0,
     workers: int | None = None,
+    cache: EvalCache | None = None,
 ) -> dict:
     """Compare ``optimizers`` with per-task tuned Adam / SGDM on tasks ``start..start+num_tasks-1``.
 
@@ -398,7 +437,9 @@ def evaluate(
     lowest final full-train loss: the strongest fair hand-designed baseline. ``workers``: processes to
     spread tasks over (default: the available cores, at most ``num_tasks``; 1 runs in this process;
     optimizers are inherited by forking, so they need not be picklable). See the module docstring for
-    the protocol and the speed-up definition.
+    the protocol and the speed-up definition. ``cache`` (:class:`meta.eval_cache.EvalCache`): reuse
+    per-task results of an earlier call under the same protocol (tuned baselines, and optimizers with
+    a ``fingerprint()``) and store this call's; the results are identical, only faster.
 
     Under a process group (``torchrun``, see :mod:`meta.distributed`) call it on every rank with the
     same arguments: tasks are dealt round-robin to ranks (each may still fork ``workers`` processes;
@@ -469,6 +510,11 @@ def evaluate(
     records: dict[int, dict] = {}
     spec = dict(dist=dist, split=split, optimizers=dict(optimizers), grids=grids, horizons=horizons,
                 curve_steps=steps, seed=seed, ema=ema)
+    if cache is not None:
+        fingerprints = {n: optimizer_fingerprint(o) for n, o in optimizers.items()}
+        spec.update(cache=cache, fingerprints=fingerprints,
+                    protocol={"horizons": horizons, "curve_steps": steps, "grids": grids, "seed": seed,
+                              "ema": ema})
     bar = tqdm(total=len(mine), desc=f"evaluate {dist.name}/{split}", unit="task",
                disable=not (progress and D.is_main()))
     try:
@@ -508,6 +554,11 @@ def evaluate(
         runtime, workers = max(p[1] for p in parts), parts[0][2]
 
     task_records = [records[i] for i in indices]
+    for rec in task_records:
+        grid_part = rec.pop("_grid", None)
+        if cache is not None:
+            cache.store(rec.pop("_cache_key"), grid_part, rec["results"], fingerprints)
+            cache.count(bool(rec.pop("_cache_hits")))
     names = [TUNED_ADAM] + ([TUNED_SGDM] if sgdm_lrs else []) + list(optimizers)
     results = {
         "meta": {

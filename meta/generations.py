@@ -56,6 +56,7 @@ import torch
 from meta import distributed as D
 from meta.config import RunConfig
 from meta.evaluate import TUNED_ADAM
+from meta.eval_cache import EvalCache
 from meta.governor import Candidate, Governor, Verdict
 from meta.lineage import (ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key,
                           weights_digest)
@@ -165,6 +166,8 @@ class GenerationRunner:
         self.prompt = prompt
         self._log = log or (lambda s: print(f"[ouroboros] {s}", flush=True))
         self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
+        # reviews re-run tuned Adam and the incumbent on the same tasks: keep their results (identical)
+        self.eval_cache = EvalCache()
 
     # ---- control ------------------------------------------------------------------------------
     def log(self, text: str) -> None:
@@ -323,11 +326,14 @@ class GenerationRunner:
                               train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
                               horizon=self.cfg.meta.horizon, outer_scale=outer_scale(self.cfg, lo))
         loop = LoopTrainer(self.cfg, lo_config_for(self.cfg, g + 1), seed=self.cfg.meta.seed + 7919 * (g + 1))
-        gov = Governor(self.cfg.gov, self.dist, self.cfg.meta.horizon, loop_trainer=loop, progress=self.progress)
+        gov = Governor(self.cfg.gov, self.dist, self.cfg.meta.horizon, loop_trainer=loop, progress=self.progress,
+                       cache=self.eval_cache)
         extra = {"control": control.lopt.bind(control.theta)} if control is not None else None
         self.log(f"gen {g}: governor reviewing {candidate.name} against "
                  f"{incumbent.name if incumbent else 'tuned Adam'}")
         verdict, ev = gov.review(candidate, incumbent, extra)  # evaluations sharded across ranks
+        self.log(f"gen {g}: review done; evaluation cache: {self.eval_cache.hits} task records reused, "
+                 f"{self.eval_cache.misses} computed")
         results = ev.pop("held_out_results", None)
         verdict, ev = D.broadcast_object((verdict, ev))  # rank 0's: its step-time bound decides for all
 

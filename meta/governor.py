@@ -51,6 +51,7 @@ import torch
 
 from meta import stats
 from meta.config import GovernorConfig
+from meta.eval_cache import EvalCache
 from meta.evaluate import TUNED_ADAM, evaluate
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
@@ -165,11 +166,13 @@ def probe_updates(opt: Optimizer, dist: TaskDistribution, indices: Sequence[int]
 class Governor:
     def __init__(self, config: GovernorConfig, dist: TaskDistribution, horizon: int,
                  loop_trainer: Callable[[Optimizer | None, int], Params] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, cache: EvalCache | None = None):
         """``loop_trainer(outer, steps)``: meta-trains a fresh learned optimizer for ``steps`` outer
         steps with ``outer`` (None: Adam) from a fixed start and returns its weights (see
-        :mod:`meta.generations`); None disables the loop check."""
+        :mod:`meta.generations`); None disables the loop check. ``cache``: evaluation results kept
+        across reviews (tuned Adam and the incumbent recur on the same tasks; identical results)."""
         self.cfg = config
+        self.cache = cache
         self.dist = dist
         self.horizon = horizon
         self.loop_trainer = loop_trainer
@@ -196,7 +199,7 @@ class Governor:
         with torch.no_grad():
             held = evaluate(opts, self.dist, split="held_out", num_tasks=c.num_tasks, horizon=self.horizon,
                             long_horizon=self.horizon * c.long_factor, adam_lrs=c.adam_lrs, sgdm_lrs=None,
-                            seed=c.seed, progress=self.progress)
+                            seed=c.seed, progress=self.progress, cache=self.cache)
             ev["held_out"] = self._scores(held, list(opts))
             ev["held_out_results"] = held
             train_idx = list(dict.fromkeys(int(i) for i in candidate.train_task_indices))[: c.train_tasks]
@@ -204,7 +207,7 @@ class Governor:
                 train = evaluate({"candidate": opts["candidate"]}, TaskSubset(self.dist, train_idx),
                                  split="meta_train", num_tasks=len(train_idx), horizon=self.horizon,
                                  long_horizon=self.horizon, adam_lrs=c.adam_lrs, sgdm_lrs=None, seed=c.seed,
-                                 progress=self.progress)
+                                 progress=self.progress, cache=self.cache)
                 ev["meta_train"] = {"task_indices": train_idx, **self._scores(train, ["candidate"])}
         if c.loop_steps and self.loop_trainer is not None:
             ev["loop"] = self._loop_evidence(candidate, incumbent)
@@ -252,7 +255,7 @@ class Governor:
             res = evaluate({"by_candidate": lopt.bind(cand_theta), "by_incumbent": lopt.bind(inc_theta)},
                            self.dist, split="held_out", num_tasks=c.loop_tasks, horizon=self.horizon,
                            long_horizon=self.horizon, adam_lrs=c.adam_lrs, sgdm_lrs=None, seed=c.seed + 1,
-                           progress=self.progress)
+                           progress=self.progress, cache=self.cache)
         return {"by_candidate": task_scores(res, "by_candidate", "H"),
                 "by_incumbent": task_scores(res, "by_incumbent", "H"),
                 "finite": all(bool(torch.isfinite(v).all()) for v in cand_theta.values())}

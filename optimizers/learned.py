@@ -30,6 +30,8 @@ clamped to ``max_update``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -256,10 +258,22 @@ def time_features(step: Tensor, total_steps: Tensor | None, cfg: LOConfig) -> Te
             raise ValueError("this learned optimizer uses the fraction of training t/T: give total_steps "
                              "(bind(..., total_steps=T), init(params, total_steps=T), or "
                              "LearnedOptimizerTorch(..., total_steps=T))")
-        cs = torch.tensor(cfg.time_fractions, dtype=step.dtype, device=step.device)
+        cs = _constant(cfg.time_fractions, step.dtype, step.device)
         frac = step / torch.clamp(total_steps.to(step), min=1.0)
         return torch.tanh(10.0 * (frac - cs))
     return torch.zeros(0, dtype=step.dtype, device=step.device)
+
+
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small constant tensor, built once per (values, dtype, device): building it from a Python list
+    every step costs more than the arithmetic on it for small tasks."""
+    key = (values, dtype, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -278,8 +292,8 @@ def tensor_step_scale(p: Tensor, cfg: LOConfig) -> Tensor:
     ``rms``: ``(sqrt(mean(p^2) + floor^2) / rms_ref) ** power``; ``width``:
     ``min(1, width_ref / max(p.shape)) ** power`` (a constant of the shape)."""
     if cfg.step_scale == "width":
-        return torch.tensor(min(1.0, cfg.width_ref / max(p.shape)) ** cfg.scale_power, dtype=torch.float32,
-                            device=p.device)
+        return _constant((min(1.0, cfg.width_ref / max(p.shape)) ** cfg.scale_power,), torch.float32,
+                         p.device).reshape(())
     pd = p.detach().float()
     rms = torch.sqrt((pd * pd).mean() + cfg.rms_floor**2) if p.numel() else pd.new_ones(())
     return (rms / cfg.rms_ref) ** cfg.scale_power
@@ -304,6 +318,13 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
     normalisation. Shared with the kernels' PyTorch reference so both build identical features."""
     nmf = min(len(cfg.momentum_decays), len(cfg.adafactor_decays))
     feats: list[Tensor] = []
+    memo: list[Tensor] = []
+
+    def rs_v() -> Tensor:  # rsqrt(v + eps) is used by two feature groups: compute it once
+        if not memo:
+            memo.append(torch.rsqrt(v + 1e-6))
+        return memo[0]
+
     for name in cfg.features:
         if name == "grad":
             feats.append(g.unsqueeze(0))
@@ -314,9 +335,9 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
         elif name == "rms":
             feats.append(v.unsqueeze(0))
         elif name == "adam_dir":
-            feats.append(m * torch.rsqrt(v + 1e-6))
+            feats.append(m * rs_v())
         elif name == "rsqrt_rms":
-            feats.append(torch.rsqrt(v + 1e-6).unsqueeze(0))
+            feats.append(rs_v().unsqueeze(0))
         elif name == "fac_grad":
             feats.append(g * fac)
         elif name == "row":
@@ -336,6 +357,12 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
 def _normalize(x: Tensor) -> Tensor:
     """Per-tensor, per-channel second-moment normalisation; x has shape (n, channels)."""
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
+
+
+def _broadcast(per_tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
+    """Rows ``per_tensor[i]`` repeated ``sizes[i]`` times (an expand per tensor and one copy; its
+    backward is a sum per tensor, unlike ``index_select``'s scatter, measured slower on CPU)."""
+    return torch.cat([row.expand(n, *row.shape) for row, n in zip(per_tensor, sizes)])
 
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -476,7 +503,7 @@ class BoundLearnedOptimizer:
         self.theta = theta
         self.kernels = kernels
         self.precision = precision
-        self._decays: dict = {}  # (dtype, device, ndim) -> the decay constants as tensors (built once)
+        self._decays: dict = {}  # constants built once: decays per (dtype, device, ndim), element counts
 
     def _decay_tensors(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(md, 1 - md, ad, 1 - ad)`` shaped to broadcast over a tensor like ``g`` (cached: building
@@ -517,6 +544,19 @@ class BoundLearnedOptimizer:
         from kernels.lo_step_triton import unsupported
 
         return unsupported(self.config, params, grads, state)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that determines this optimizer's updates (config, weights, run length,
+        kernel and precision settings): equal fingerprints give equal runs, so evaluation results can
+        be reused (:mod:`meta.eval_cache`)."""
+        h = hashlib.sha256(json.dumps({"config": self.config.to_dict(), "total_steps": self.total_steps,
+                                       "kernels": self.kernels, "precision": self.precision},
+                                      sort_keys=True).encode())
+        for name in sorted(self.theta):
+            t = self.theta[name].detach().cpu().contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -563,34 +603,42 @@ class BoundLearnedOptimizer:
         return state
 
     # ---- step -------------------------------------------------------------------------------
-    def _accumulate(self, g: Tensor, p: Tensor, st: dict, k: str):
-        """Update one tensor's accumulators; returns the new accumulators and per-element features."""
+    def _factored(self, g: Tensor, g2: Tensor, st: dict, k: str) -> tuple[Tensor, Tensor | None, Tensor]:
+        """One tensor's Adafactor accumulators (shape-dependent, so per tensor); returns the new row
+        and column accumulators and the per-element ``(adafactor decays, n)`` block ``[row_b; col_b;
+        fac]`` of the features (``row_b``/``col_b``: the accumulators broadcast to the elements, ``fac``
+        the factored rsqrt of the second moment)."""
         c = self.config
-        shape = p.shape
-        md, one_md, ad, one_ad = self._decay_tensors(g)
-        m = md * st["m"][k] + one_md * g
-        v = c.rms_decay * st["v"][k] + (1 - c.rms_decay) * g * g
+        shape, na = g.shape, len(c.adafactor_decays)
+        _, _, ad, one_ad = self._decay_tensors(g)
         dims = factored_dims(shape)
-        g2 = g * g + 1e-30
         if dims is None:
             row = ad * st["row"][k] + one_ad * g2
-            col_new = None
-            row_b = row
-            col_b = row
-            fac = torch.rsqrt(row + 1e-9)
-        else:
-            a, b = dims
-            row = ad * st["row"][k] + one_ad * g2.mean(dim=b, keepdim=True)
-            col_new = ad * st["col"][k] + one_ad * g2.mean(dim=a, keepdim=True)
-            # +1 on every dim index: axis 0 of the accumulators is the decay axis
-            row_mean = row.mean(dim=a + 1, keepdim=True)
-            row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
-            col_factor = torch.rsqrt(torch.clamp(col_new, min=1e-9))
-            fac = row_factor * col_factor
-            row_b = row.expand(len(c.adafactor_decays), *shape)
-            col_b = col_new.expand(len(c.adafactor_decays), *shape)
-        new_acc = {"m": m, "v": v, "row": row, "col": col_new}
-        return new_acc, _normalize(element_features(g, p, m, v, row_b, col_b, fac, c)), m[0], v
+            rows = row.reshape(na, -1)
+            return row, None, torch.cat([rows, rows, torch.rsqrt(rows + 1e-9)])
+        a, b = dims
+        row = ad * st["row"][k] + one_ad * g2.mean(dim=b, keepdim=True)
+        col = ad * st["col"][k] + one_ad * g2.mean(dim=a, keepdim=True)
+        # +1 on every dim index: axis 0 of the accumulators is the decay axis
+        row_mean = row.mean(dim=a + 1, keepdim=True)
+        row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
+        col_factor = torch.rsqrt(torch.clamp(col, min=1e-9))
+        block = torch.cat([row.expand(na, *shape), col.expand(na, *shape), row_factor * col_factor])
+        return row, col, block.reshape(3 * na, -1)
+
+    def _counts(self, sizes: tuple[int, ...], device: torch.device) -> Tensor:
+        """Per-tensor element counts (at least 1), shape (tensors, 1), cached per list of sizes."""
+        key = ("counts", sizes, device)
+        if key not in self._decays:
+            self._decays[key] = torch.tensor([[max(n, 1)] for n in sizes], dtype=torch.float32, device=device)
+        return self._decays[key]
+
+    @staticmethod
+    def _per_tensor_mean_sq(x: Tensor, sizes: tuple[int, ...], counts: Tensor) -> Tensor:
+        """Per-tensor mean of ``x * x`` over the elements (rows) of the concatenated ``x`` (n[, c]).
+        (Split-and-sum measured faster than ``index_add`` or ``segment_reduce`` on CPU.)"""
+        sums = torch.stack([piece.sum(0) for piece in torch.split(x * x, sizes)])
+        return sums / counts.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
     def _mlp(self, x: Tensor, tfeat: Tensor | None = None) -> Tensor:
         """The per-element MLP. ``tfeat`` (the time features, the last input rows of ``w0``) is the same
@@ -628,26 +676,55 @@ class BoundLearnedOptimizer:
         new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
         if "horizon" in state:
             new_state["horizon"] = state["horizon"]
-        inputs, adam_terms, sizes, scales = [], [], [], []
-        for k, p in params.items():
-            g = grads[k].to(state["v"][k].dtype)
-            # sanitise: NaN -> 0, +-inf -> clip; then clip (bounded features by construction)
-            g = torch.clamp(torch.nan_to_num(g, nan=0.0, posinf=c.grad_clip, neginf=-c.grad_clip),
-                            -c.grad_clip, c.grad_clip)
-            acc, x, m0, v = self._accumulate(g, p, state, k)
-            new_state["m"][k], new_state["v"][k], new_state["row"][k] = acc["m"], acc["v"], acc["row"]
-            if acc["col"] is not None:
-                new_state["col"][k] = acc["col"]
-            inputs.append(x)
-            sizes.append(p.numel())
-            if c.nominal == "adam":
-                bc1 = 1 - c.momentum_decays[0] ** step
-                bc2 = 1 - c.rms_decay**step
-                adam_terms.append(((m0 / bc1) / (safe_sqrt(v / bc2) + 1e-8)).reshape(-1))
-            if c.step_scale != "none":
-                scales.append(tensor_step_scale(p, c).to(x.dtype) if p.dim() >= 2
-                              else torch.exp(self.theta["vector_log_lr"]).to(x.dtype))
-        x = torch.cat(inputs, dim=0)
+        # Every elementwise quantity is computed once over all tensors' elements concatenated (the
+        # op count, not the arithmetic, is what a small task's step costs); only the Adafactor
+        # accumulators, whose shapes differ, are per tensor. Per-tensor normalisations reduce over
+        # each tensor's slice. Same maths as a per-tensor loop (measured: meta-training step -20%).
+        names = list(params)
+        sizes = tuple(params[k].numel() for k in names)
+        sdt = {k: state["v"][k].dtype for k in names}
+        dt = sdt[names[0]]
+        for k in names[1:]:
+            dt = torch.promote_types(dt, sdt[k])
+        nm = len(c.momentum_decays)
+        counts = self._counts(sizes, params[names[0]].device)
+        g = torch.cat([grads[k].reshape(-1).to(dt) for k in names])
+        # sanitise: NaN -> 0, +-inf -> clip; then clip (bounded features by construction)
+        g = torch.clamp(torch.nan_to_num(g, nan=0.0, posinf=c.grad_clip, neginf=-c.grad_clip),
+                        -c.grad_clip, c.grad_clip)
+        md, one_md, _, _ = self._decay_tensors(g)
+        m = md * torch.cat([state["m"][k].reshape(nm, -1).to(dt) for k in names], dim=1) + one_md * g
+        v = c.rms_decay * torch.cat([state["v"][k].reshape(-1).to(dt) for k in names]) \
+            + (1 - c.rms_decay) * g * g
+        g2 = g * g + 1e-30
+        blocks = []
+        for k, piece, piece2 in zip(names, torch.split(g, sizes), torch.split(g2, sizes)):
+            shape = params[k].shape
+            row, col, block = self._factored(piece.reshape(shape), piece2.reshape(shape), state, k)
+            new_state["row"][k] = row.to(sdt[k])
+            if col is not None:
+                new_state["col"][k] = col.to(sdt[k])
+            blocks.append(block)
+        na = len(c.adafactor_decays)
+        fac_blocks = torch.cat(blocks, dim=1)  # (3 * na, n): row_b, col_b, fac
+        p_flat = torch.cat([params[k].reshape(-1).to(dt) for k in names]) if "param" in c.features else g
+        x = element_features(g, p_flat, m, v, fac_blocks[:na], fac_blocks[na:2 * na], fac_blocks[2 * na:], c)
+        x = x * _broadcast(torch.rsqrt(1e-5 + self._per_tensor_mean_sq(x, sizes, counts)), sizes)
+        for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
+            shape = params[k].shape
+            new_state["m"][k] = mk.reshape(nm, *shape).to(sdt[k])
+            new_state["v"][k] = vk.reshape(shape).to(sdt[k])
+        adam = None
+        if c.nominal == "adam":
+            bc1 = 1 - c.momentum_decays[0] ** step
+            bc2 = 1 - c.rms_decay**step
+            # safe_sqrt only matters for gradients (sqrt's infinite derivative at 0); same values
+            sqrt = safe_sqrt if torch.is_grad_enabled() else torch.sqrt
+            adam = (m[0] / bc1) / (sqrt(v / bc2) + 1e-8)
+        scales = []
+        if c.step_scale != "none":
+            scales = [tensor_step_scale(params[k], c).to(x.dtype) if params[k].dim() >= 2
+                      else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
         tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
         out = self._mlp(x, tfeat)
         d, mag = out[:, 0], out[:, 1]
@@ -657,7 +734,6 @@ class BoundLearnedOptimizer:
             if "nominal_time_w" in self.theta:
                 log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
             lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
-            adam = torch.cat(adam_terms)
         if c.design == "additive":
             delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
             if lr is not None:
@@ -665,11 +741,10 @@ class BoundLearnedOptimizer:
         elif c.design == "controller":
             delta = lr * torch.exp(c.controller_bound * torch.tanh(d)) * adam
         else:  # normalized: rms-normalise the learned direction per tensor
-            dn = torch.cat([piece * torch.rsqrt((piece * piece).mean() + 1e-12) if piece.numel() else piece
-                            for piece in torch.split(d, sizes)])
+            dn = d * _broadcast(torch.rsqrt(self._per_tensor_mean_sq(d, sizes, counts) + 1e-12), sizes)
             delta = lr * (adam + self.theta["mix"].to(dn.dtype) * dn)
         if scales:
-            delta = delta * torch.cat([s.expand(n) for s, n in zip(scales, sizes)])
+            delta = delta * _broadcast(torch.stack(scales), sizes)
         delta = torch.clamp(delta, -c.max_update, c.max_update)
         new_params = {}
         for (k, p), piece in zip(params.items(), torch.split(delta, sizes)):

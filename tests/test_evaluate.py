@@ -247,3 +247,39 @@ def test_interval_coverage_on_normal_samples():
     # the bootstrap is deterministic given its seed
     row = data[0].tolist()
     assert stats.bootstrap_ci(row, seed=7) == stats.bootstrap_ci(row, seed=7)
+
+
+# ---- cache ----------------------------------------------------------------------------------------
+def _strip_times(res: dict) -> list:
+    return [{k: v for k, v in rec.items() if k != "run_seconds"} for rec in res["tasks"]]
+
+
+def test_cache_reuses_identical_results_and_never_a_changed_optimizer():
+    """A second evaluation on the same tasks looks up tuned Adam and an optimizer with the same weights
+    (the generations reviews' case) and gives exactly what an uncached evaluation gives; an optimizer
+    with other weights (another fingerprint) is run, not looked up."""
+    from meta.eval_cache import EvalCache
+    from optimizers.learned import LearnedOptimizer, LOConfig
+
+    lopt = LearnedOptimizer(LOConfig(hidden_width=4, hidden_layers=1))
+    a, b = lopt.init_theta(0), lopt.init_theta(1)
+    dist = get_distribution("digits_mlp")
+    kw = dict(num_tasks=2, horizon=4, long_horizon=8, adam_lrs=GRID, sgdm_lrs=None, seed=0, progress=False,
+              workers=1)
+    cache = EvalCache()
+    evaluate({"first": lopt.bind(a)}, dist, cache=cache, **kw)
+    assert cache.hits == 0 and cache.misses == 2
+    both = {"incumbent": lopt.bind(a), "candidate": lopt.bind(b)}
+    cached = evaluate(both, dist, cache=cache, **kw)
+    assert cache.hits == 2
+    plain = evaluate(both, dist, **kw)
+    assert _strip_times(cached) == _strip_times(plain)
+    assert cached["summary"] == plain["summary"]
+    # the candidate (other weights) was really run: its results differ from the incumbent's
+    assert cached["tasks"][0]["results"]["candidate"] != cached["tasks"][0]["results"]["incumbent"]
+    assert lopt.bind(a).fingerprint() == lopt.bind(a.copy()).fingerprint() != lopt.bind(b).fingerprint()
+    assert lopt.bind(a).fingerprint() != lopt.bind(a, total_steps=8).fingerprint()
+    # a different protocol (seed) is a different key: nothing reused
+    hits = cache.hits
+    evaluate({"incumbent": lopt.bind(a)}, dist, cache=cache, **{**kw, "seed": 1})
+    assert cache.hits == hits

@@ -60,7 +60,7 @@ from meta.eval_cache import EvalCache
 from meta.governor import Candidate, Governor, Verdict
 from meta.lineage import (ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key,
                           weights_digest)
-from meta.trainer import MetaTrainer
+from meta.trainer import MetaTrainer, outer_update_scale
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer
 from optimizers.hand import Adam
@@ -110,7 +110,8 @@ def gen_dir(run_dir: Path, g: int) -> Path:
 
 
 def outer_scale(cfg: RunConfig, lo: LOConfig) -> float:
-    return cfg.gen.outer_scale or cfg.meta.outer_lr / lo.nominal_lr
+    """The update scale of a generation with config ``lo`` used as an outer optimizer."""
+    return outer_update_scale(cfg.meta, lo, cfg.gen.outer_scale)
 
 
 def lo_config_for(cfg: RunConfig, g: int) -> LOConfig:

@@ -37,8 +37,8 @@ from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorSt
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
-from optimizers.learned import ConfigError, LearnedOptimizer
-from optimizers.transforms import WarmDown
+from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
+from optimizers.transforms import WarmDown, scale_updates
 from optimizers.tree import Params, flatten
 from tasks import get_distribution, seeded
 
@@ -61,12 +61,22 @@ def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:
     return ESTIMATORS[meta.estimator](lopt, dist, **kw)
 
 
-def make_outer_optimizer(meta: MetaConfig) -> Optimizer:
-    """``adam`` or the path of a learned-optimizer checkpoint (that optimizer, bound, is the outer one)."""
+def outer_update_scale(meta: MetaConfig, outer_lo: LOConfig, override: float = 0.0) -> float:
+    """The factor on a learned outer optimizer's updates: ``override`` (``gen.outer_scale``) when set,
+    else ``meta.outer_lr / outer_lo.nominal_lr``. Why: a learned optimizer's steps are sized for its
+    inner tasks' parameters; scaled so its nominal Adam rate equals the outer learning rate, it takes
+    meta-steps of the size Adam would on the learned optimizer's weights."""
+    return override or meta.outer_lr / outer_lo.nominal_lr
+
+
+def make_outer_optimizer(meta: MetaConfig, scale_override: float = 0.0) -> Optimizer:
+    """``adam`` or the path of a learned-optimizer checkpoint: that optimizer, bound to its weights and
+    scaled by :func:`outer_update_scale` (the one construction for the command line, a resumed run and
+    ``generations``)."""
     if meta.outer_optimizer == "adam":
         return Adam(lr=meta.outer_lr)
     lopt, theta, _ = ckpt.load_learned_optimizer(meta.outer_optimizer)
-    return lopt.bind(theta)
+    return scale_updates(lopt.bind(theta), outer_update_scale(meta, lopt.config, scale_override))
 
 
 def _fill(template: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -115,7 +125,9 @@ class MetaTrainer:
         self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
         self.estimator = make_estimator(cfg.meta, self.lopt, self.dist)
         # a learned outer optimizer that sees the fraction of training runs for meta.outer_steps
-        self.outer = for_horizon(outer if outer is not None else make_outer_optimizer(cfg.meta), cfg.meta.outer_steps)
+        if outer is None:
+            outer = make_outer_optimizer(cfg.meta, cfg.gen.outer_scale)
+        self.outer = for_horizon(outer, cfg.meta.outer_steps)
         if cfg.meta.outer_decay > 0 and not getattr(self.outer, "horizon_aware", False):
             self.outer = WarmDown(self.outer, max(cfg.meta.outer_steps, 1), cfg.meta.outer_decay)
         self.theta: Params = theta if theta is not None else self.lopt.init_theta(seeded("theta", cfg.meta.seed))

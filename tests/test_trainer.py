@@ -198,3 +198,39 @@ def test_cli_run_writes_checkpoint_results_and_plot(tmp_path):
     opt = LearnedOptimizerTorch.from_checkpoint(model.parameters(), out / "learned_optimizer", total_steps=10)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
+
+
+def test_learned_outer_optimizer_from_a_path_is_scaled_as_in_generations(tmp_path):
+    """``--meta.outer_optimizer PATH`` and a resumed run take the same meta-steps as a generation
+    trained by that optimizer: its updates scaled by meta.outer_lr / nominal_lr (they ran unscaled)."""
+    from meta.generations import outer_scale
+    from optimizers.base import for_horizon
+    from optimizers.learned import LearnedOptimizer
+    from optimizers.transforms import scale_updates
+
+    outer_lo = LearnedOptimizer(LOConfig(hidden_width=4, hidden_layers=1, nominal_lr=0.05))
+    outer_theta = outer_lo.init_theta(3)
+    path = tmp_path / "outer"
+    ckpt.save_learned_optimizer(path, outer_lo, outer_theta)
+    cfg = _cfg(tmp_path, **{"meta.outer_optimizer": str(path), "meta.outer_lr": 1e-3})
+    trainer = MetaTrainer(cfg)
+    theta = trainer.theta
+    grads = {k: torch.full_like(v, 0.1) for k, v in theta.items()}
+    got, _ = trainer.outer.update(grads, trainer.outer.init(theta), theta)
+    factor = outer_scale(cfg, outer_lo.config)
+    assert factor == pytest.approx(1e-3 / 0.05)
+    ref_opt = for_horizon(scale_updates(outer_lo.bind(outer_theta), factor), cfg.meta.outer_steps)
+    want, _ = ref_opt.update(grads, ref_opt.init(theta), theta)
+    raw_opt = for_horizon(outer_lo.bind(outer_theta), cfg.meta.outer_steps)
+    raw, _ = raw_opt.update(grads, raw_opt.init(theta), theta)
+    for k in theta:
+        torch.testing.assert_close(got[k], want[k])
+    moved = sum(float((got[k] - theta[k]).abs().sum()) for k in theta)
+    moved_raw = sum(float((raw[k] - theta[k]).abs().sum()) for k in theta)
+    assert moved == pytest.approx(factor * moved_raw, rel=1e-4)
+    # a resumed trainer rebuilds the same scaled outer optimizer
+    trainer.save()
+    again = MetaTrainer.load(cfg.out_dir + "/checkpoint", cfg)
+    got2, _ = again.outer.update(grads, again.outer.init(theta), theta)
+    for k in theta:
+        torch.testing.assert_close(got2[k], want[k])

@@ -65,7 +65,7 @@ def presets() -> dict[str, Any]:
                     gen=GenConfig(max_generations=2, outer_steps=2, poll_seconds=0.1),
                     gov=GovernorConfig(num_tasks=3, train_tasks=2, long_factor=2, adam_lrs=(1e-3, 1e-2, 1e-1),
                                        bootstrap=200, loop_steps=2, loop_population=2, loop_tasks=2,
-                                       probe_tasks=1, probe_steps=3))
+                                       probe_tasks=1, probe_steps=3, sustain_tasks=3))
     return {"default": default, "smoke": smoke}
 
 
@@ -217,10 +217,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("generation", type=int)
     p.add_argument("--reason", default="", help="recorded in the lineage")
     for name, verb in (("approve", "adopt"), ("reject", "reject")):
-        p = sub.add_parser(name, help=f"{verb} a generation whose verdict is pending (approval file mode / rate limiter)")
+        p = sub.add_parser(name, help=f"{verb} a generation whose verdict is pending (approval file mode / rate "
+                                      f"limiter / capability ceiling)")
         p.add_argument("run", type=Path)
         p.add_argument("generation", type=int)
-        p.add_argument("--by", default="", help="who decided (recorded in the lineage)")
+        p.add_argument("--by", default="", help="who decided (recorded in the lineage; required to approve a "
+                                                "generation held by the capability ceiling)")
+    p = sub.add_parser("freeze", help="freeze a generations run by hand: nothing is adopted until 'unfreeze'",
+                       description="Emergency stop by hand: a freeze entry in the lineage (who, why), an alert "
+                                   "(log, RUN/alerts.jsonl, the report, W&B when the run uses it); a running "
+                                   "'generations' process exits with status 5 at its next check and adopts "
+                                   "nothing; approvals are refused until 'unfreeze'.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--by", required=True, help="who froze the run (recorded)")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p.add_argument("--revert-to", default=None, metavar="GEN|adam",
+                   help="also make this adopted generation (or 'adam': tuned Adam) the incumbent (default: keep it)")
+    p = sub.add_parser("unfreeze", help="let a frozen generations run adopt again (a person, with a reason)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--by", required=True, help="who unfroze the run (recorded)")
+    p.add_argument("--reason", required=True, help="why (recorded)")
+    p = sub.add_parser("change-goal", help="record a person's change of a run's goal (meta-objective, "
+                                           "distribution, governor settings)",
+                       description="Goal preservation: a generations run's meta-objective, task distribution "
+                                   "and governor settings are recorded with generation 0, and later generations "
+                                   "are refused under other ones. This records a change (who, why) in the lineage "
+                                   "and writes RUN/config.json with it; continue the run with "
+                                   "'generations --config RUN/config.json'.")
+    p.add_argument("run", type=Path)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a goal setting: gov.* (any governor setting), meta.meta_loss, meta.distribution, "
+                        "meta.dist_seed; VALUE is JSON (a bare word is a string); repeatable")
+    p.add_argument("--by", required=True, help="who changed it (recorded)")
+    p.add_argument("--reason", required=True, help="why (recorded)")
 
     sub.add_parser("presets", help="print the presets as JSON")
     # its own options live in kernels/bench_lo_step.py (main() hands the arguments over; see --help there)
@@ -268,6 +297,8 @@ RELAUNCH_COMMANDS = ("run", "meta-train", "evaluate", "generations")
 # exit status of a run stopped on request (Ctrl-C, SIGTERM, a STOP file) before it finished: a script
 # or scheduler can tell it from a finished run (0) and from an error (2, 3); its state is saved
 STOPPED_STATUS = 4
+FROZEN_STATUS = 5  # the run is frozen: an emergency stop (runaway), or a freeze by hand (meta.safety)
+GOAL_KEYS = ("meta.meta_loss", "meta.distribution", "meta.dist_seed")  # + every gov.* key
 
 
 def relaunch_under_torchrun(argv: list[str], cfg) -> int:
@@ -544,17 +575,76 @@ def lineage_command(args) -> int:
         done = "approved" if args.command == "approve" else "rejected"
         print(f"[ouroboros] generation {args.generation} {done}; lineage entry {e['index']}")
         return 0
+    if args.command in ("freeze", "unfreeze", "change-goal"):
+        return safety_command(args, lineage)
     rows = generation_rows(args.run)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(markdown(rows, args.run))
-    events = [e for e in lineage.entries() if e["kind"] != "generation"]
+    events = [e for e in lineage.entries() if e["kind"] in ("rollback", "approval")]
     for e in events:
         what = f"rollback to gen {e['to']}" if e["kind"] == "rollback" else f"{e['decision']} gen {e['generation']}"
         print(f"- entry {e['index']} ({e['time']}): {what}")
     png = plot(rows, Path(args.run) / "lineage.png")
     print(f"hash chain verified ({len(lineage.entries())} entries); plot {png}")
+    return 0
+
+
+def safety_command(args, lineage) -> int:
+    """``freeze`` / ``unfreeze`` / ``change-goal`` (meta.safety): lineage entries signed by a person."""
+    from meta import safety
+    from meta.config import RunConfig, apply_overrides
+    from meta.generations_report import write_report
+    from optimizers import checkpoint as ckpt
+    from optimizers.learned import ConfigError
+
+    run = Path(args.run)
+    cfg_path = run / "config.json"
+    stored = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if args.command == "change-goal":
+        if not cfg_path.is_file():
+            raise ConfigError(f"{cfg_path} is missing: not a generations run")
+        overrides: dict[str, Any] = {}
+        for item in args.settings:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+            if not (key.startswith("gov.") or key in GOAL_KEYS):
+                raise ConfigError(f"--set {key}: not a goal setting (gov.*, {', '.join(GOAL_KEYS)})")
+            try:
+                overrides[key] = json.loads(text)
+            except json.JSONDecodeError:
+                overrides[key] = text
+        if not overrides:
+            raise ConfigError("change-goal needs at least one --set KEY=VALUE")
+        cfg = apply_overrides(RunConfig.from_dict(stored), overrides)
+        from tasks import get_distribution
+
+        goal = safety.goal_of(cfg, get_distribution(cfg.meta.distribution, cfg.meta.dist_seed))
+        e = lineage.append_goal(goal, args.by, args.reason)
+        ckpt.atomic_write_json(cfg_path, cfg.to_dict())
+        print(f"[ouroboros] goal of {run} changed by {args.by} (lineage entry {e['index']}); {cfg_path} updated: "
+              f"continue with `python train.py generations --config {cfg_path}`")
+        return 0
+    if args.command == "freeze":
+        revert: Any = None if args.revert_to in ("adam", "tuned_adam", "none") else args.revert_to
+        if revert is not None:
+            try:
+                revert = int(revert)
+            except ValueError:
+                raise ConfigError(f"--revert-to expects a generation number or 'adam', got {args.revert_to!r}") from None
+        kw = {} if args.revert_to is None else {"revert_to": revert}
+        e = lineage.append_freeze(args.by, args.reason, source="manual", **kw)
+        text = (f"frozen by {args.by}: {args.reason} (lineage entry {e['index']})"
+                + (f"; incumbent reverted to {'gen ' + str(revert) if revert is not None else 'tuned Adam'}"
+                   if "revert_to" in e else ""))
+        safety.alert(run, "FROZEN BY HAND", text, wandb=stored.get("wandb", "disabled"),
+                     project=stored.get("wandb_project", "ouroboros"), entry=e["index"], kind="manual")
+    else:
+        e = lineage.append_unfreeze(args.by, args.reason)
+        print(f"[ouroboros] {run} unfrozen by {args.by} (lineage entry {e['index']})")
+    write_report(run)
     return 0
 
 
@@ -588,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             print(json.dumps({k: v.to_dict() for k, v in presets().items()}, indent=2))
             return 0
-        if args.command in ("lineage", "rollback", "approve", "reject"):
+        if args.command in ("lineage", "rollback", "approve", "reject", "freeze", "unfreeze", "change-goal"):
             return lineage_command(args)
         cfg = resolve_config(args)
         if cfg.procs > 1 and not D.env_world_size() > 1 and args.command in RELAUNCH_COMMANDS:
@@ -617,7 +707,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 evaluate_checkpoint(cfg, args.checkpoint, progress=progress)
         elif args.command == "generations":
-            if generations(cfg, args, progress=progress).get("stopped"):
+            result = generations(cfg, args, progress=progress)
+            if result.get("frozen"):
+                return FROZEN_STATUS
+            if result.get("stopped"):
                 return STOPPED_STATUS
     except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)

@@ -117,6 +117,26 @@ class GovernorConfig:
     max_step_time_ratio: float = 100.0  # wall-clock per step / Adam's, on the probe task
     rate_limit: float = 1.5  # mean improvement (log units) above which adoption waits for a human
     seed: int = 0
+    # ---- the loop's safety layer (meta/safety.py; README "Safety layer") ----
+    # a run counts as diverged when a full-batch training loss at any evaluated step (t > 0) exceeds
+    # diverge_factor x its initial loss, or rises to the task's loss ceiling (task.max_loss), besides a
+    # non-finite minibatch loss; any diverged candidate run at any horizon rejects
+    diverge_factor: float = 2.0
+    # capability ceiling: a mean held-out improvement (log units, at any evaluated horizon) above these
+    # is held for a human (who must sign the approval with --by), whatever rate_limit says
+    ceiling_vs_adam: float = 2.0  # over tuned Adam
+    ceiling_vs_incumbent: float = 1.5  # over the incumbent
+    # runaway: improvements of the last runaway_window adoptions, each > runaway_factor x the one before,
+    # freeze the run (emergency stop, exit status 5); runaway_window 0 disables it
+    runaway_window: int = 3
+    runaway_factor: float = 1.5
+    # sustained gains: before every generation the incumbent is re-checked against the generation it
+    # was judged against on sustain_tasks fresh test-split tasks (at H; indices never used before); if the
+    # pooled re-check interval (level sustain_level) no longer lies above min_improvement, or the
+    # incumbent diverged, the incumbent is rolled back (sustain_rollback) -- 0 tasks disables the check
+    sustain_tasks: int = 8
+    sustain_level: float = 0.9
+    sustain_rollback: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "gov")
@@ -137,6 +157,21 @@ class GovernorConfig:
             raise ConfigError("gov.level must lie in (0, 1)")
         if self.loop_steps < 0 or self.rate_limit <= 0 or self.max_update_ratio <= 0:
             raise ConfigError("gov.loop_steps must be >= 0, gov.rate_limit and gov.max_update_ratio > 0")
+        if self.diverge_factor < 1.0:
+            raise ConfigError(f"gov.diverge_factor must be >= 1 (a multiple of the initial loss), got "
+                              f"{self.diverge_factor}")
+        for name in ("ceiling_vs_adam", "ceiling_vs_incumbent"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"gov.{name} must be > 0 (log units), got {getattr(self, name)}")
+        if self.runaway_window == 1 or self.runaway_window < 0:
+            raise ConfigError(f"gov.runaway_window must be 0 (off) or >= 2 adoptions, got {self.runaway_window}")
+        if self.runaway_factor <= 1.0:
+            raise ConfigError(f"gov.runaway_factor must be > 1, got {self.runaway_factor}")
+        if self.sustain_tasks != 0 and self.sustain_tasks < 3:
+            raise ConfigError(f"gov.sustain_tasks must be 0 (off) or >= 3 (for an interval), got "
+                              f"{self.sustain_tasks}")
+        if not 0.0 < self.sustain_level < 1.0:
+            raise ConfigError(f"gov.sustain_level must lie in (0, 1), got {self.sustain_level}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +186,9 @@ class GenConfig:
     successor_lo: str = ""  # JSON object of LOConfig overrides for successors, e.g. {"hidden_width": 16}
     approval: str = "auto"  # auto | prompt | file
     poll_seconds: float = 2.0  # how often a run waiting for approval checks the lineage
+    # diminishing returns: the run ends by itself after this many generations in a row without an
+    # adoption (0: never); the report says so
+    patience: int = 3
 
     def __post_init__(self) -> None:
         check_types(self, "gen")
@@ -162,6 +200,8 @@ class GenConfig:
             raise ConfigError(f"gen.approval must be auto, prompt or file, got {self.approval!r}")
         if self.outer_scale < 0 or self.poll_seconds <= 0:
             raise ConfigError("gen.outer_scale must be >= 0 and gen.poll_seconds > 0")
+        if self.patience < 0:
+            raise ConfigError(f"gen.patience must be >= 0 (0: never stop for lack of adoptions), got {self.patience}")
         self.successor_overrides()  # validate now, not after generation 0
 
     def successor_overrides(self) -> dict[str, Any]:

@@ -19,6 +19,11 @@ checkpoint, never a finished generation):
    ``hold`` verdicts (rate limiter) and, in ``file`` / ``prompt`` mode, every passing verdict wait as
    *pending* for ``train.py approve RUN GEN`` / ``reject`` (or a y/n on the terminal).
 
+Around each generation the safety layer (:mod:`meta.safety`) acts: before it, a frozen run exits (status
+5), accelerating adoptions freeze the run (emergency stop), ``gen.patience`` generations without an
+adoption end it, and the incumbent's gain is re-checked on fresh test tasks (rolled back if no longer
+significant); its review is refused under another goal than the lineage records.
+
 Under ``torchrun`` (several processes) every rank runs this loop in lockstep: meta-training and the
 governor's evaluations are sharded (:mod:`meta.distributed`), while everything that touches the run
 directory -- the config check, lineage reads and appends, weights, the review cache, reports, W&B --
@@ -54,6 +59,7 @@ from typing import Any
 import torch
 
 from meta import distributed as D
+from meta import safety
 from meta.config import RunConfig
 from meta.evaluate import TUNED_ADAM
 from meta.eval_cache import EvalCache
@@ -74,7 +80,8 @@ STOP_FILE = "STOP"
 
 # what a generations run writes at its top level (``wandb`` when W&B logs there); ``--overwrite``
 # deletes a directory only if everything in it is one of these
-RUN_LAYOUT = re.compile(r"^(config\.json|report\.(json|md|png)|STOP|\.run\.lock|lineage|wandb|gen-\d{4})$")
+RUN_LAYOUT = re.compile(r"^(config\.json|report\.(json|md|png)|STOP|\.run\.lock|lineage|wandb|gen-\d{4}|"
+                        r"alerts(\.jsonl)?|lineage\.png)$")
 
 
 def clear_run_dir(run_dir: str | Path) -> None:
@@ -191,7 +198,7 @@ class GenerationRunner:
             old = json.loads(path.read_text())
             # bounds on the run's length may change between invocations; nothing else may
             for d in (old, mine):
-                for key in ("max_generations", "approval", "poll_seconds"):
+                for key in ("max_generations", "approval", "poll_seconds", "patience"):
                     d.get("gen", {}).pop(key, None)
                 for key in ("wandb", "wandb_project", "threads", "out_dir"):
                     d.pop(key, None)
@@ -216,10 +223,21 @@ class GenerationRunner:
     def _run(self) -> dict[str, Any]:
         D.run_on_main(self.check_config)
         D.run_on_main(self.lineage.verify)
+        D.run_on_main(self.check_goal)
         if (self.run_dir / STOP_FILE).exists():
             self.log(f"{self.run_dir / STOP_FILE} exists: not starting; remove it to continue the run")
+        frozen, patience = False, False
         while not self.should_stop():
             st = self.state()
+            if st.frozen:  # frozen by hand, or by an earlier emergency stop: no work until a person unfreezes
+                self.log(f"the run is frozen (lineage entry {st.freeze['index']}, by {st.freeze.get('by')}: "
+                         f"{st.freeze.get('reason')}); nothing is adopted until `python train.py unfreeze "
+                         f"{self.run_dir} --by NAME --reason TEXT`")
+                frozen = True
+                break
+            if self.check_runaway():
+                frozen = True
+                break
             pending = [g for g, s in st.status.items() if s == PENDING]
             if pending:
                 if not self.wait_for_approval(pending[0]):
@@ -228,8 +246,18 @@ class GenerationRunner:
             g = len(st.records)
             if g >= self.cfg.gen.max_generations:
                 break
+            idle = safety.generations_without_adoption(st)
+            if self.cfg.gen.patience and idle >= self.cfg.gen.patience:
+                self.log(f"diminishing returns: no adoption in the last {idle} generation(s) (gen.patience "
+                         f"{self.cfg.gen.patience}); the run stops")
+                patience = True
+                break
+            if not self.sustain_check(g):
+                break
             if not self.run_generation(g):
                 break
+        if not frozen:  # an adoption just before a stop request is still checked for a runaway
+            frozen = self.check_runaway()
         stopped = self.should_stop()  # collective: every rank gets the same answer
         from meta.generations_report import write_report
 
@@ -237,7 +265,100 @@ class GenerationRunner:
         st = self.state()
         who = f"gen-{st.incumbent}" if st.incumbent is not None else "tuned Adam (none adopted)"
         self.log(f"lineage: {len(st.records)} generation(s), incumbent {who}; report {paths['md']}")
-        return {"state": st, "report": paths, "stopped": stopped}
+        return {"state": st, "report": paths, "stopped": stopped, "frozen": frozen, "patience_stop": patience}
+
+    # ---- the safety layer (meta.safety) ---------------------------------------------------------
+    def goal(self) -> dict[str, Any]:
+        return safety.goal_of(self.cfg, self.dist)
+
+    def check_goal(self) -> None:
+        """Refuse to review under another goal than the lineage's (rank 0)."""
+        safety.check_goal(self.lineage.state(), self.goal(), self.run_dir)
+
+    def check_runaway(self) -> bool:
+        """Emergency stop if the last adoptions accelerate; True if the run is (now) frozen."""
+        return bool(D.run_on_main(self._check_runaway))
+
+    def _check_runaway(self) -> bool:
+        c = self.cfg.gov
+        entries = self.lineage.verify(check_weights=False)
+        if self.lineage.state(entries).frozen:
+            return True
+        streak = safety.runaway_streak(entries, c.runaway_window, c.runaway_factor)
+        if streak is None:
+            return False
+        return self.emergency_stop(
+            f"runaway: the improvements of generations {streak['generations']} "
+            f"({', '.join(f'{x:+.3f}' for x in streak['improvements'])}) each grew by more than "
+            f"{c.runaway_factor:g}x over {c.runaway_window} adoptions", revert_to=streak["revert_to"], evidence=streak)
+
+    def emergency_stop(self, reason: str, revert_to: int | None, evidence: dict) -> bool:
+        """Freeze the run, revert the incumbent, alert (log, alerts.jsonl, report, W&B); rank 0."""
+        e = self.lineage.append_freeze("governor", reason, revert_to=revert_to, source="runaway", evidence=evidence)
+        who = f"generation {revert_to}" if revert_to is not None else "tuned Adam"
+        text = (f"{reason}. The run is frozen (lineage entry {e['index']}) and the incumbent reverted from "
+                f"{'gen-' + str(e['from']) if e['from'] is not None else 'tuned Adam'} to {who}; nothing is adopted "
+                f"until a person runs `python train.py unfreeze {self.run_dir} --by NAME --reason TEXT`.")
+        safety.alert(self.run_dir, "EMERGENCY STOP", text, wandb=self.cfg.wandb, project=self.cfg.wandb_project,
+                     log=self.log, entry=e["index"], kind="runaway")
+        return True
+
+    def sustain_check(self, g: int) -> bool:
+        """Success-story criterion before generation ``g``: re-check the incumbent against the generation it
+        was judged against on fresh test tasks; roll it back if its gain is no longer significant. False
+        if asked to stop."""
+        c = self.cfg.gov
+        st = self.state()
+        if not c.sustain_tasks or st.incumbent is None or g == 0:
+            return True
+        entries = D.run_on_main(self.lineage.entries)
+        if any(e.get("kind") == "sustain" and e.get("generation") == g for e in entries):
+            return True  # done before a restart
+        inc = st.incumbent
+        parent = safety.judged_against(st.records[inc])
+        indices = safety.sustain_indices(entries, g, c.sustain_tasks)
+        opts = {"incumbent": self._load_generation(inc).bind()}
+        if parent is not None:
+            opts["parent"] = self._load_generation(parent).bind()
+        self.log(f"gen {g}: sustained-gain check of gen-{inc} against "
+                 f"{'gen-' + str(parent) if parent is not None else 'tuned Adam'} on test tasks "
+                 f"{indices[0]}..{indices[-1]}")
+        from meta.evaluate import evaluate
+        from meta.governor import TaskSubset, task_scores
+
+        with torch.no_grad():
+            res = evaluate(opts, TaskSubset(self.dist, indices), split="test", num_tasks=len(indices),
+                           horizon=self.cfg.meta.horizon, long_horizon=self.cfg.meta.horizon, adam_lrs=c.adam_lrs,
+                           sgdm_lrs=None, seed=c.seed, progress=self.progress)
+        inc_s = task_scores(res, "incumbent", "H")
+        par_s = task_scores(res, "parent", "H") if parent is not None else [0.0] * len(inc_s)
+        diffs = [b - a for a, b in zip(inc_s, par_s)]
+        diverged = len(safety.diverged_tasks(res, "incumbent", "H", c.diverge_factor))
+        decision = safety.decide_sustain(diffs, safety.pooled_diffs(entries, inc, parent), diverged, c)
+        rollback = not decision["passed"] and c.sustain_rollback
+        entry = {"generation": g, "incumbent": inc, "parent": parent, "split": "test", "task_indices": indices,
+                 "horizon": self.cfg.meta.horizon, "incumbent_scores": inc_s, "parent_scores": par_s,
+                 "diffs": diffs, **decision, "action": "rollback" if rollback else "none"}
+        if rollback:
+            entry["to"] = parent
+        entry = D.broadcast_object(entry)
+
+        def write() -> None:
+            e = self.lineage.append_sustain(entry)
+            what = (f"gain no longer significant: incumbent rolled back to "
+                    f"{'gen-' + str(parent) if parent is not None else 'tuned Adam'}" if rollback else
+                    ("gain sustained" if decision["passed"] else "gain no longer significant (rollback off)"))
+            self.log(f"gen {g}: sustained-gain check of gen-{inc}: {what}; {decision['reason']} (entry {e['index']})")
+
+        D.run_on_main(write)
+        return not self.should_stop()
+
+    def _load_generation(self, g: int) -> Candidate:
+        path = self.lineage.root / self.state().records[g]["weights"]
+        tensors, meta = D.load_checkpoint(path)
+        lopt, theta = ckpt.learned_optimizer_from(tensors, meta, path)
+        return Candidate(f"gen-{g}", lopt, theta, horizon=self.cfg.meta.horizon,
+                         outer_scale=outer_scale(self.cfg, lopt.config))
 
     def incumbent(self) -> tuple[int | None, Candidate | None, Path | None]:
         """The adopted generation, as a candidate, and where its weights are (all None before one is)."""
@@ -322,6 +443,7 @@ class GenerationRunner:
         if data is not None:
             self.log(f"gen {g}: the cached review {path} does not match its digest (edited, damaged, or "
                      f"signed with another {KEY_ENV}); reviewing again")
+        D.run_on_main(self.check_goal)  # never review under another goal than the lineage records
         lo = cand.lopt.config
         candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
                               train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
@@ -370,10 +492,14 @@ class GenerationRunner:
             control_rec = {"weights": str(cpath.relative_to(self.run_dir)), "trained_by": "adam",
                            "steps": control.step, "weights_sha256": weights_digest(cpath)}
         st = self.lineage.state()
+        goal = self.goal()
         entry = {
             "kind": "generation",
             "generation": g,
             "status": status,
+            "incumbent_at_review": None if trained_by == "adam" else int(trained_by.split("-", 1)[1]),
+            "goal": goal if st.goal is None else None,  # generation 0's entry records the goal in full
+            "goal_hash": safety.goal_digest(goal),
             "parent": parent,
             "parent_hash": st.records[parent]["hash"] if parent is not None else None,
             "trained_by": trained_by,
@@ -390,11 +516,21 @@ class GenerationRunner:
             "metrics": summary_metrics(ev),
             "seconds": seconds,
         }
-        e = self.lineage.append(entry)
+        def allowed(now) -> dict[str, Any] | None:
+            """Under the lineage lock: the goal still holds, and a run frozen meanwhile adopts nothing."""
+            if now.goal_hash is not None and now.goal_hash != entry["goal_hash"]:
+                raise safety.GoalError(f"generation {g} was reviewed under another goal than the lineage's")
+            if now.frozen and entry["status"] == ADOPTED:
+                self.log(f"gen {g}: the run was frozen during this generation; its verdict waits as pending")
+                return {"status": PENDING, "frozen_at_record": now.freeze["index"]}
+            return None
+
+        e = self.lineage.append(entry, precondition=allowed)
+        status = e["status"]
         self.log(f"gen {g}: verdict {verdict.decision.upper()} -> {status}; " + " | ".join(verdict.reasons))
         head = self.lineage.head_of(e)  # logged apart from the lineage: a later truncation shows
         self.log(f"lineage head: {head['count']} entries, last hash {head['hash']}")
-        self._wandb_generation(g, {**entry, "lineage_head": head}, wpath, control_rec)
+        self._wandb_generation(g, {**e, "lineage_head": head}, wpath, control_rec)
         return e
 
     def _wandb_generation(self, g: int, entry: dict, wpath: str, control_rec: dict | None) -> None:
@@ -423,7 +559,10 @@ class GenerationRunner:
     # ---- approval -----------------------------------------------------------------------------
     def wait_for_approval(self, g: int) -> bool:
         """Block until generation ``g``'s pending verdict is decided; False if asked to stop first."""
-        rec = self.state().records[g]
+        st = self.state()
+        if st.frozen:
+            return True  # the loop exits on the freeze; approving is refused until a person unfreezes
+        rec = st.records[g]
         if self.cfg.gen.approval == "prompt" and not D.active() and (self.prompt is not None or sys.stdin.isatty()):
             ask = self.prompt or input
             reasons = "\n  ".join(rec["verdict"]["reasons"])
@@ -434,7 +573,8 @@ class GenerationRunner:
         self.log(f"gen {g}: verdict pending approval: run `python train.py approve {self.run_dir} {g}` or "
                  f"`python train.py reject {self.run_dir} {g}` (Ctrl-C or a {STOP_FILE} file to stop waiting)")
         while not self.should_stop():
-            if self.state().status.get(g) != PENDING:
+            st = self.state()
+            if st.status.get(g) != PENDING or st.frozen:  # a freeze ends the wait (the loop then exits)
                 return True
             time.sleep(self.cfg.gen.poll_seconds)
         return False

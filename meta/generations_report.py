@@ -86,7 +86,59 @@ def markdown(rows: list[dict[str, Any]], run_dir: str | Path) -> str:
         lines.append(f"- **gen {r['generation']}** ({r['decision']} -> {r['status']}, {r['num_theta']} weights, "
                      f"{r['outer_steps']} outer steps, entry {r['hash']}):")
         lines += [f"  - {reason}" for reason in r["reasons"]]
+    lines += safety_section(run_dir)
     return "\n".join(lines) + "\n"
+
+
+def safety_section(run_dir: str | Path) -> list[str]:
+    """The safety layer's record: alerts, freezes, sustained-gain checks, goal changes, why the run stopped."""
+    from meta import safety
+
+    run_dir = Path(run_dir)
+    lineage = Lineage(run_dir)
+    entries = lineage.entries()
+    st = lineage.state(entries)
+    out = ["", "## Safety", ""]
+    if st.frozen:
+        f = st.freeze
+        out.append(f"- **FROZEN** since lineage entry {f['index']} (by {f.get('by')}): {f.get('reason')}. Nothing is "
+                   f"adopted until `python train.py unfreeze {run_dir} --by NAME --reason TEXT`.")
+    for a in safety.read_alerts(run_dir):
+        out.append(f"- **ALERT** {a.get('time', '')}: {a.get('title')}: {a.get('text')}")
+    for e in entries:
+        kind = e.get("kind")
+        if kind == "freeze":
+            rev = ""
+            if "revert_to" in e:
+                to = e["revert_to"]
+                rev = f"; incumbent reverted to {'gen ' + str(to) if to is not None else 'tuned Adam'}"
+            out.append(f"- entry {e['index']}: frozen by {e.get('by')}: {e.get('reason')}{rev}")
+        elif kind == "unfreeze":
+            out.append(f"- entry {e['index']}: unfrozen by {e.get('by')}: {e.get('reason')}")
+        elif kind == "sustain":
+            par = f"gen {e['parent']}" if e.get("parent") is not None else "tuned Adam"
+            act = (f" -> **rolled back** to {'gen ' + str(e['to']) if e.get('to') is not None else 'tuned Adam'}"
+                   if e.get("action") == "rollback" else (" -> sustained" if e.get("passed") else " -> not significant"))
+            out.append(f"- entry {e['index']}: before gen {e.get('generation')}, gen {e.get('incumbent')} re-checked "
+                       f"against {par} on test tasks {e['task_indices'][0]}..{e['task_indices'][-1]}: "
+                       f"{e.get('reason')}{act}")
+        elif kind == "goal":
+            out.append(f"- entry {e['index']}: goal changed by {e.get('by')}: {e.get('reason')} "
+                       f"(goal {str(e.get('goal_hash'))[:12]})")
+    cfg_path = run_dir / "config.json"
+    patience = 0
+    if cfg_path.is_file():
+        try:
+            patience = int(json.loads(cfg_path.read_text()).get("gen", {}).get("patience", 0))
+        except (ValueError, TypeError, json.JSONDecodeError):
+            patience = 0
+    idle = safety.generations_without_adoption(st)
+    if patience and idle >= patience and not st.frozen:
+        out.append(f"- **stopped for diminishing returns**: no adoption in the last {idle} generation(s) "
+                   f"(gen.patience {patience})")
+    if len(out) == 3:
+        out.append("- no alert, freeze, rollback or goal change")
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:

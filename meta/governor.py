@@ -36,6 +36,14 @@ Checks (all must pass; each returns ``passed``, the measured value, the bound an
 Rate limiter: a candidate that passes everything with a mean improvement above ``rate_limit`` is
 *held* (decision ``hold``) for a human instead of being adopted: a jump that large is more likely a
 bug or an exploit of the evaluation than progress, and a person should look first.
+
+Safety layer (:mod:`meta.safety`): ``divergence`` rejects a candidate with any diverged run at any
+horizon, on the decision split or its own meta-training tasks, where *diverged* also covers finite
+blow-ups (a loss above ``diverge_factor`` x the initial loss, or at the task's loss ceiling), not only
+non-finite losses; the generalisation and horizon checks count divergences the same way. The capability
+*ceiling* holds for a human any candidate whose mean improvement over tuned Adam exceeds
+``ceiling_vs_adam`` or over the incumbent ``ceiling_vs_incumbent`` at any horizon, whatever
+``rate_limit`` says.
 """
 
 from __future__ import annotations
@@ -214,13 +222,21 @@ class Governor:
         return ev
 
     def _scores(self, results: dict, names: list[str]) -> dict[str, Any]:
+        """Per horizon and optimizer: scores, speed-ups and divergences, where a run counts as diverged
+        also when its loss blew up while staying finite (:func:`meta.safety.run_diverged`);
+        ``nonfinite`` keeps the evaluation's own count (non-finite minibatch losses only)."""
+        from meta.safety import diverged_tasks
+
         out: dict[str, Any] = {}
+        f = self.cfg.diverge_factor
         for label in results["meta"]["horizons"]:
-            out[label] = {n: {"scores": task_scores(results, n, label), "speedups": speedups(results, n, label),
-                              "diverged": divergences(results, n, label)} for n in names}
-            out[label][TUNED_ADAM] = {"scores": [0.0] * len(results["tasks"]),
-                                      "speedups": speedups(results, TUNED_ADAM, label),
-                                      "diverged": divergences(results, TUNED_ADAM, label)}
+            out[label] = {}
+            for n in [*names, TUNED_ADAM]:
+                bad = diverged_tasks(results, n, label, f)
+                out[label][n] = {"scores": task_scores(results, n, label) if n != TUNED_ADAM else
+                                 [0.0] * len(results["tasks"]), "speedups": speedups(results, n, label),
+                                 "diverged": len(bad), "diverged_tasks": bad,
+                                 "nonfinite": divergences(results, n, label)}
         return out
 
     def _bounds_evidence(self, candidate: Candidate) -> dict[str, Any]:
@@ -330,6 +346,7 @@ class Governor:
                 -c.long_tolerance,
                 f"at {long_label}: improvement {lci['mean']:+.3f} [{_f(lci['lo'])}, {_f(lci['hi'])}], "
                 f"{L['candidate']['diverged']} diverged")
+            checks["divergence"] = self._decide_divergence(ev)
             if "loop" in ev:
                 lp = ev["loop"]
                 d = [a - b for a, b in zip(lp["by_candidate"], lp["by_incumbent"])]
@@ -340,11 +357,53 @@ class Governor:
         failed = [k for k, v in checks.items() if not v["passed"]]
         if failed:
             return Verdict("reject", [f"{k}: {checks[k]['reason']}" for k in failed], checks, improvement)
+        if checks["bounds"]["passed"]:
+            checks["ceiling"] = self._decide_ceiling(ev, other)
         reasons = [f"{k}: {v['reason']}" for k, v in checks.items()]
+        if checks.get("ceiling", {}).get("hold"):
+            return Verdict("hold", [(f"capability ceiling: {checks['ceiling']['reason']}; adoption needs a "
+                                     f"person's signed approval (approve --by NAME)"), *reasons], checks, improvement)
         if improvement is not None and improvement > c.rate_limit:
             return Verdict("hold", [(f"rate limiter: improvement {improvement:+.3f} > {c.rate_limit} needs a "
                                     f"human's approval"), *reasons], checks, improvement)
         return Verdict("adopt", reasons, checks, improvement)
+
+    def _decide_divergence(self, ev: dict[str, Any]) -> dict:
+        """Any diverged candidate run at any horizon, on the decision split or its meta-training tasks,
+        rejects, whatever the mean score says."""
+        found = {}
+        for split in ("held_out", "meta_train"):
+            for label, per in (ev.get(split) or {}).items():
+                if isinstance(per, dict) and "candidate" in per and per["candidate"].get("diverged"):
+                    found[f"{split}/{label}"] = per["candidate"]["diverged"]
+        what = ", ".join(f"{n} at {k}" for k, n in found.items())
+        return _check(not found, found, 0,
+                      f"diverged runs ({what}): a loss non-finite, above {self.cfg.diverge_factor:g}x its initial "
+                      f"loss or at the task's loss ceiling" if found else "no diverged run at any horizon")
+
+    def _decide_ceiling(self, ev: dict[str, Any], other: str) -> dict:
+        """Capability ceiling: mean improvement over tuned Adam and over the incumbent, at every horizon."""
+        c = self.cfg
+        over_adam, over_inc = {}, {}
+        for label, per in ev["held_out"].items():
+            s = per["candidate"]["scores"]
+            over_adam[label] = -sum(s) / len(s)
+            if other != TUNED_ADAM:
+                d = [b - a for a, b in zip(s, per[other]["scores"])]
+                over_inc[label] = sum(d) / len(d)
+        worst_adam, worst_inc = max(over_adam.values()), max(over_inc.values(), default=-math.inf)
+        hold = worst_adam > c.ceiling_vs_adam or worst_inc > c.ceiling_vs_incumbent
+        if other == TUNED_ADAM:  # before any adoption the incumbent is tuned Adam: both bounds apply
+            hold = hold or worst_adam > c.ceiling_vs_incumbent
+        if over_inc:
+            reason = (f"improvement over tuned Adam up to {worst_adam:+.3f} (ceiling {c.ceiling_vs_adam:g}), over "
+                      f"the incumbent up to {worst_inc:+.3f} (ceiling {c.ceiling_vs_incumbent:g})")
+        else:
+            reason = (f"improvement over tuned Adam (the incumbent) up to {worst_adam:+.3f} (ceiling "
+                      f"{min(c.ceiling_vs_adam, c.ceiling_vs_incumbent):g})")
+        return {"passed": True, "hold": bool(hold), "value": {"vs_tuned_adam": over_adam, "vs_incumbent": over_inc},
+                "bound": {"ceiling_vs_adam": c.ceiling_vs_adam, "ceiling_vs_incumbent": c.ceiling_vs_incumbent},
+                "reason": ("over the ceiling: " if hold else "under the ceiling: ") + reason}
 
     def review(self, candidate: Candidate, incumbent: Candidate | None,
                extra: dict[str, Optimizer] | None = None) -> tuple[Verdict, dict[str, Any]]:

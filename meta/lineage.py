@@ -12,7 +12,17 @@ Entry kinds:
   task distribution, seeds, metrics, the governor's verdict, the sha256 of its weights file, and the
   control arm's record;
 * ``approval``: a human decision (``approve`` / ``reject``) on a held ("pending") verdict;
-* ``rollback``: the incumbent is set back to an earlier adopted generation.
+* ``rollback``: the incumbent is set back to an earlier adopted generation;
+* ``freeze`` / ``unfreeze`` (the safety layer, :mod:`meta.safety`): a frozen run adopts nothing (no
+  ``generation`` entry may say ``adopted`` and no approval may approve) until an ``unfreeze`` entry, which
+  needs a person (``by``) and a ``reason``. A freeze records who or what froze the run, why, its evidence
+  (e.g. the runaway streak) and may revert the incumbent (``revert_to``: an adopted generation, or
+  ``null`` for tuned Adam);
+* ``sustain``: the incumbent re-checked against the generation it was judged against on fresh test
+  tasks, with the evidence; ``"action": "rollback"`` sets the incumbent back to ``to``;
+* ``goal``: a person's recorded change (``by``, ``reason``) of the run's goal -- meta-objective, task
+  distribution (digest) and governor settings, first recorded in generation 0's entry. Every later
+  ``generation`` entry carries its ``goal_hash``, which must equal the goal in force.
 
 Every entry carries ``index``, ``prev_hash`` (the previous entry's hash; zeros for the first) and
 ``hash`` = sha256 of the canonical JSON of everything else, so editing, deleting or reordering any
@@ -92,6 +102,23 @@ class LineageState:
     records: dict[int, dict] = field(default_factory=dict)  # generation -> its 'generation' entry
     incumbent: int | None = None  # None: no adopted generation yet (the hand-designed baseline)
     adopted_order: list[int] = field(default_factory=list)
+    frozen: bool = False  # a freeze entry not yet followed by an unfreeze: nothing may be adopted
+    freeze: dict | None = None  # the freeze entry in force
+    goal: dict | None = None  # the run's goal in force (generation 0's, or the last recorded change)
+    goal_hash: str | None = None
+
+
+def goal_digest(goal: dict[str, Any]) -> str:
+    """sha256 of a goal's canonical JSON (the goal itself, never keyed: it names content, not a signer)."""
+    return canonical_hash(goal)
+
+
+def ceiling_held(record: dict[str, Any]) -> bool:
+    """Was this generation's verdict held by the capability ceiling (approving it must be signed)?"""
+    return bool(((record.get("verdict") or {}).get("checks") or {}).get("ceiling", {}).get("hold"))
+
+
+KEEP = object()  # append_freeze: leave the incumbent as it is
 
 
 class Lineage:
@@ -145,6 +172,7 @@ class Lineage:
                 if target != ADOPTED:
                     raise LineageError(f"lineage entry {i}: rollback to generation {e.get('to')!r}, which was "
                                        f"{target or 'not in the lineage'} at that point")
+            self._check_safety(i, e, self.state(entries[:i]))
             prev = e["hash"]
         head = self.root / HEAD
         if head.is_file():
@@ -158,6 +186,64 @@ class Lineage:
         elif any(e.get("format", 1) >= 2 for e in entries):  # format 1 lineages predate the head record
             raise LineageError(f"{head} is missing: the lineage's head record was removed")
         return entries
+
+    @staticmethod
+    def _check_safety(i: int, e: dict[str, Any], before: LineageState) -> None:
+        """The safety layer's rules, checked on every entry against the state the entries before it give."""
+        kind = e.get("kind")
+
+        def signed_by_person() -> None:
+            if not (isinstance(e.get("by"), str) and e["by"].strip()
+                    and isinstance(e.get("reason"), str) and e["reason"].strip()):
+                raise LineageError(f"lineage entry {i}: a {kind} entry needs a person ('by') and a reason")
+
+        def adopted_or_adam(target: Any, what: str) -> None:
+            if target is not None and before.status.get(target) != ADOPTED:
+                raise LineageError(f"lineage entry {i}: {what} generation {target!r}, which was "
+                                   f"{before.status.get(target, 'not in the lineage')} at that point")
+
+        if kind == "generation":
+            if e.get("status") == ADOPTED and before.frozen:
+                raise LineageError(f"lineage entry {i}: generation {e.get('generation')} adopted while the run "
+                                   f"was frozen (entry {before.freeze['index']})")
+            if e.get("goal") is not None and e.get("goal_hash") != goal_digest(e["goal"]):
+                raise LineageError(f"lineage entry {i}: its goal does not match its goal_hash")
+            if e.get("goal_hash") is not None and before.goal_hash is not None \
+                    and e["goal_hash"] != before.goal_hash:
+                raise LineageError(f"lineage entry {i}: generation {e.get('generation')} was reviewed under a "
+                                   f"different goal (meta-objective, distribution, governor settings) than the "
+                                   f"one in force, and no person recorded the change")
+        elif kind == "approval" and e.get("decision") == "approve":
+            if before.frozen:
+                raise LineageError(f"lineage entry {i}: generation {e.get('generation')} approved while the run "
+                                   f"was frozen")
+            rec = before.records.get(e.get("generation"), {})
+            if ceiling_held(rec) and not str(e.get("by") or "").strip():
+                raise LineageError(f"lineage entry {i}: generation {e.get('generation')} was held by the "
+                                   f"capability ceiling and approved without a name ('by')")
+        elif kind == "freeze":
+            if before.frozen:
+                raise LineageError(f"lineage entry {i}: freeze of a run that was already frozen")
+            if not str(e.get("by") or "").strip() or not str(e.get("reason") or "").strip():
+                raise LineageError(f"lineage entry {i}: a freeze entry needs 'by' and a reason")
+            if "revert_to" in e:
+                adopted_or_adam(e["revert_to"], "freeze reverts to")
+        elif kind == "unfreeze":
+            if not before.frozen:
+                raise LineageError(f"lineage entry {i}: unfreeze of a run that was not frozen")
+            signed_by_person()
+        elif kind == "goal":
+            signed_by_person()
+            if not isinstance(e.get("goal"), dict):
+                raise LineageError(f"lineage entry {i}: a goal entry needs the new goal")
+        elif kind == "sustain":
+            if e.get("incumbent") != before.incumbent:
+                raise LineageError(f"lineage entry {i}: sustained-gain check of generation {e.get('incumbent')!r}, "
+                                   f"but the incumbent was {before.incumbent!r} at that point")
+            if e.get("action") == "rollback":
+                if e.get("passed"):
+                    raise LineageError(f"lineage entry {i}: a sustained-gain check that passed rolled back")
+                adopted_or_adam(e.get("to"), "sustained-gain check rolls back to")
 
     @staticmethod
     def _check_weights(i: int, what: str, base: Path, rel: str, digest: str | None) -> None:
@@ -192,6 +278,19 @@ class Lineage:
                         st.adopted_order.append(g)
             elif kind == "rollback":
                 st.incumbent = e["to"]
+            elif kind == "freeze":
+                st.frozen, st.freeze = True, e
+                if "revert_to" in e:
+                    st.incumbent = e["revert_to"]
+            elif kind == "unfreeze":
+                st.frozen, st.freeze = False, None
+            elif kind == "sustain":
+                if e.get("action") == "rollback":
+                    st.incumbent = e.get("to")
+            elif kind == "goal":
+                st.goal, st.goal_hash = e["goal"], goal_digest(e["goal"])
+            if kind == "generation" and st.goal is None and e.get("goal") is not None:
+                st.goal, st.goal_hash = e["goal"], goal_digest(e["goal"])  # generation 0's (the first) goal
         return st
 
     def weights_path(self, generation: int) -> Path:
@@ -278,6 +377,12 @@ class Lineage:
             if st.status.get(generation) != PENDING:
                 raise LineageError(f"generation {generation} has no pending verdict "
                                    f"(status: {st.status.get(generation, 'not in the lineage')})")
+            if decision == "approve" and st.frozen:
+                raise LineageError(f"the run is frozen ({st.freeze.get('reason')}; entry {st.freeze['index']}): "
+                                   f"nothing can be adopted until `train.py unfreeze RUN --by NAME --reason ...`")
+            if decision == "approve" and ceiling_held(st.records[generation]) and not by.strip():
+                raise LineageError(f"generation {generation} is over the capability ceiling: approving it "
+                                   f"needs a person's name (--by NAME)")
 
         return self.append({"kind": "approval", "generation": generation, "decision": decision, "by": by},
                            precondition=pending)
@@ -290,3 +395,58 @@ class Lineage:
             return {"from": st.incumbent}
 
         return self.append({"kind": "rollback", "to": generation, "reason": reason}, precondition=adopted)
+
+
+    # ---- the safety layer's entries (meta.safety) ------------------------------------------
+    def append_freeze(self, by: str, reason: str, revert_to: Any = KEEP, **extra: Any) -> dict[str, Any]:
+        """Freeze the run: no adoption until :meth:`append_unfreeze`. ``revert_to`` (an adopted generation,
+        or None for tuned Adam) also sets the incumbent back; ``extra`` is recorded (evidence, source)."""
+        if not by.strip() or not reason.strip():
+            raise LineageError("a freeze needs who froze the run (--by) and a reason (--reason)")
+
+        def check(st: LineageState) -> dict[str, Any]:
+            if st.frozen:
+                raise LineageError(f"the run is already frozen (entry {st.freeze['index']}: {st.freeze.get('reason')})")
+            if revert_to is not KEEP and revert_to is not None and st.status.get(revert_to) != ADOPTED:
+                raise LineageError(f"can only revert to an adopted generation; generation {revert_to} is "
+                                   f"{st.status.get(revert_to, 'not in the lineage')}")
+            return {"from": st.incumbent}
+
+        entry = {"kind": "freeze", "by": by, "reason": reason, **extra}
+        if revert_to is not KEEP:
+            entry["revert_to"] = revert_to
+        return self.append(entry, precondition=check)
+
+    def append_unfreeze(self, by: str, reason: str) -> dict[str, Any]:
+        if not by.strip() or not reason.strip():
+            raise LineageError("unfreezing needs a person (--by NAME) and a reason (--reason TEXT)")
+
+        def frozen(st: LineageState) -> dict[str, Any]:
+            if not st.frozen:
+                raise LineageError("the run is not frozen")
+            return {"freeze_entry": st.freeze["index"]}
+
+        return self.append({"kind": "unfreeze", "by": by, "reason": reason}, precondition=frozen)
+
+    def append_goal(self, goal: dict[str, Any], by: str, reason: str) -> dict[str, Any]:
+        """A person's recorded change of the run's goal (meta-objective, distribution, governor settings)."""
+        if not by.strip() or not reason.strip():
+            raise LineageError("changing the goal needs a person (--by NAME) and a reason (--reason TEXT)")
+
+        def check(st: LineageState) -> dict[str, Any]:
+            if st.goal_hash == goal_digest(goal):
+                raise LineageError("the goal in force is already this one: nothing to record")
+            return {"previous_goal_hash": st.goal_hash, "goal_hash": goal_digest(goal)}
+
+        return self.append({"kind": "goal", "goal": goal, "by": by, "reason": reason}, precondition=check)
+
+    def append_sustain(self, entry: dict[str, Any]) -> dict[str, Any]:
+        def check(st: LineageState) -> None:
+            if st.incumbent != entry.get("incumbent"):
+                raise LineageError(f"sustained-gain check of generation {entry.get('incumbent')}, but the "
+                                   f"incumbent is {st.incumbent} now")
+            if entry.get("action") == "rollback" and entry.get("to") is not None \
+                    and st.status.get(entry["to"]) != ADOPTED:
+                raise LineageError(f"cannot roll back to generation {entry['to']}: not adopted")
+
+        return self.append({"kind": "sustain", **entry}, precondition=check)

@@ -99,6 +99,15 @@ class MetricsLogger:
 
             self.wandb_run.log({key: wandb.Table(columns=columns, data=rows)})
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (email / Slack per the W&B settings), level ERROR; nothing without W&B."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        level = getattr(getattr(wandb, "AlertLevel", None), "ERROR", None)
+        self.wandb_run.alert(title=title, text=text, **({"level": level} if level is not None else {}))
+
     def finish(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()

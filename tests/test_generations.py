@@ -15,7 +15,7 @@ from optimizers.learned import ConfigError
 from train import main, presets
 
 LAX = {"min_improvement": -100.0, "long_tolerance": 100.0, "max_overfit_gap": 100.0, "loop_tolerance": 100.0,
-           "rate_limit": 100.0}
+           "rate_limit": 100.0, "sustain_tasks": 0}  # no re-check entries: the lineage holds generations only
 
 
 def _cfg(tmp_path, name="run", gens=2, approval="auto", **gov):

@@ -41,14 +41,19 @@ def _governor(dist, cfg=FAST, loop=True):
 
 def test_better_candidate_is_adopted_and_a_large_jump_is_held(dist):
     good, bad = _lo_with_lr(1e-2), _lo_with_lr(1e-4)
-    gov = _governor(dist, replace(FAST, rate_limit=10.0))
+    gov = _governor(dist, replace(FAST, rate_limit=10.0, ceiling_vs_incumbent=10.0))
     verdict, ev = gov.review(good, bad)
     assert verdict.decision == "adopt", verdict.reasons
-    assert set(verdict.checks) == {"bounds", "generalisation", "overfit", "horizon", "loop"}
+    assert set(verdict.checks) == {"bounds", "generalisation", "overfit", "horizon", "loop", "divergence", "ceiling"}
     assert all(c["passed"] for c in verdict.checks.values())
     assert verdict.improvement > 0
+    # the same evidence under the default capability ceiling (+3 over the incumbent at 2H > 1.5): held for a
+    # person although the rate limiter (10) would let it through
+    capped = Governor(replace(FAST, rate_limit=10.0), dist, HORIZON).decide(ev)
+    assert capped.decision == "hold" and capped.reasons[0].startswith("capability ceiling")
     # the same evidence under a tight rate limiter: held for a human, not adopted
-    held = Governor(replace(FAST, rate_limit=verdict.improvement / 2), dist, HORIZON).decide(ev)
+    held = Governor(replace(FAST, rate_limit=verdict.improvement / 2, ceiling_vs_incumbent=10.0), dist,
+                    HORIZON).decide(ev)
     assert held.decision == "hold" and "rate limiter" in held.reasons[0]
     # and the worse one does not replace the better one
     worse, _ = gov.review(bad, good)

@@ -87,7 +87,7 @@ def _parse_value(text: str, default: Any) -> Any:
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from meta.config import SECTIONS, RunConfig
 
-    base = RunConfig()
+    base = presets()["default"]  # what a bare run uses (other presets: 'train.py presets')
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings ({cls.__name__})")
         obj = getattr(base, section)
@@ -95,7 +95,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             default = getattr(obj, f.name)
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
-                               default=None, help=f"(default {shown})")
+                               default=None, help=f"(default preset: {shown})")
     group = p.add_argument_group("run settings")
     for f in fields(RunConfig):
         if f.name in SECTIONS:
@@ -104,7 +104,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         default = getattr(base, f.name)
         extra = {"choices": ["offline", "online", "disabled"]} if f.name == "wandb" else {}
         group.add_argument(f"--{flag}", dest=f"cfg:{f.name}", metavar="V", default=None,
-                           help=f"(default {default})", **extra)
+                           help=f"(default preset: {default})", **extra)
 
 
 def _resume_mode(text: str) -> str:
@@ -259,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def merge_config(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` over ``base`` section by section: ``{"meta": {"population": 4}}`` changes that one key and
+    keeps the rest of ``meta`` (a shallow merge replaced the whole section with one key's worth)."""
+    out = dict(base)
+    for key, value in data.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def resolve_config(args: argparse.Namespace):
     from meta.config import RunConfig, apply_overrides
     from optimizers.learned import ConfigError
@@ -274,7 +283,7 @@ def resolve_config(args: argparse.Namespace):
             data = json.loads(args.config.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"config file {args.config} is not valid JSON: {e}") from e
-        cfg = RunConfig.from_dict({**cfg.to_dict(), **data} if isinstance(data, dict) else data)
+        cfg = RunConfig.from_dict(merge_config(cfg.to_dict(), data) if isinstance(data, dict) else data)
     overrides: dict[str, Any] = {}
     for key, text in vars(args).items():
         if not key.startswith("cfg:") or text is None:

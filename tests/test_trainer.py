@@ -234,3 +234,32 @@ def test_learned_outer_optimizer_from_a_path_is_scaled_as_in_generations(tmp_pat
     got2, _ = again.outer.update(grads, again.outer.init(theta), theta)
     for k in theta:
         torch.testing.assert_close(got2[k], want[k])
+
+
+def test_a_partial_config_file_changes_only_the_keys_it_names(tmp_path, monkeypatch):
+    """``--config`` with ``{"meta": {"population": 4}}`` keeps the rest of the preset's ``meta`` section
+    (a shallow merge silently reset it to RunConfig()'s defaults, e.g. 300 outer steps for 400)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import train
+
+    cfg_file = tmp_path / "partial.json"
+    cfg_file.write_text(json.dumps({"meta": {"population": 4}, "eval": {"num_tasks": 5}}))
+    args = train.build_parser().parse_args(["meta-train", "--config", str(cfg_file)])
+    cfg = train.resolve_config(args)
+    preset = train.presets()["default"]
+    assert cfg.meta.population == 4 and cfg.eval.num_tasks == 5
+    assert cfg.meta.outer_steps == preset.meta.outer_steps == 400
+    assert cfg.meta.meta_loss == preset.meta.meta_loss and cfg.meta.outer_decay == preset.meta.outer_decay
+    assert cfg.eval.adam_lrs == preset.eval.adam_lrs and cfg.procs == preset.procs
+    # command-line flags still win over the file
+    args = train.build_parser().parse_args(["meta-train", "--config", str(cfg_file), "--meta.population", "6"])
+    assert train.resolve_config(args).meta.population == 6
+
+
+def test_help_shows_the_default_presets_values():
+    """``--help`` shows what a bare run uses (the default preset), not RunConfig()'s field defaults."""
+    r = _cli("meta-train", "--help")
+    assert r.returncode == 0
+    flat = " ".join(r.stdout.split())
+    assert "--meta.outer_steps V (default preset: 400)" in flat
+    assert "--procs V (default preset: 2)" in flat

@@ -85,7 +85,8 @@ def feature_slots(cfg: LOConfig) -> list[int]:
 # the step options the kernels implement (a value optimizers.learned adds later is refused, not misread)
 KERNEL_OPTIONS = {"design": ("additive", "controller", "normalized"),
                   "time_features": ("absolute", "fraction", "none"),
-                  "step_scale": ("none", "rms", "width")}
+                  "step_scale": ("none", "rms", "width"),
+                  "loss_features": ("none",)}
 
 
 def unsupported_reason(cfg: LOConfig) -> str | None:

@@ -66,6 +66,7 @@ DEFAULT_FRACTIONS = (0.03, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1
 DESIGNS = ("additive", "normalized", "controller")
 TIME_FEATURES = ("absolute", "fraction", "none")
 STEP_SCALES = ("none", "rms", "width")
+LOSS_FEATURES = ("none", "ema")
 
 # What a config written before these fields existed means: the original design. ``from_dict`` fills
 # missing keys from here, so every old checkpoint loads as the optimizer it was trained as.
@@ -173,6 +174,12 @@ class LOConfig:
     scale_power: float = 0.5
     controller_bound: float = 2.0
     mix_init: float = 0.1  # initial weight of the normalised learned direction ("normalized")
+    # horizon-free inputs from the run's own loss (the ``loss`` passed to ``update``), same for every
+    # element like the time features, and also inputs of the nominal schedule: "ema": EMAs of log loss
+    # give tanh(fast - slow) (trend), tanh(2 (log loss - fast)) (this step's surprise) and
+    # tanh((fast - first) / 3) (progress since the first step); scale-free (logs), and defined whatever
+    # the run's length. Zero until a loss has been seen. "none": off.
+    loss_features: str = "none"
 
     def __post_init__(self) -> None:
         check_types(self, "lo")
@@ -182,7 +189,7 @@ class LOConfig:
         object.__setattr__(self, "time_taus", tuple(float(t) for t in self.time_taus))
         object.__setattr__(self, "time_fractions", tuple(float(t) for t in self.time_fractions))
         for name, allowed in (("design", DESIGNS), ("time_features", TIME_FEATURES),
-                              ("step_scale", STEP_SCALES)):
+                              ("step_scale", STEP_SCALES), ("loss_features", LOSS_FEATURES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if self.design != "additive" and self.nominal != "adam":
@@ -218,12 +225,22 @@ class LOConfig:
             "fac_grad": na, "row": na, "col": na, "rsqrt_row": na, "rsqrt_col": na,
             "fac_mom": min(nm, na),
         }
-        return sum(per[f] for f in self.features) + self.num_time_features
+        return sum(per[f] for f in self.features) + self.num_step_features
 
     @property
     def num_time_features(self) -> int:
         return {"absolute": len(self.time_taus), "fraction": len(self.time_fractions),
                 "none": 0}[self.time_features]
+
+    @property
+    def num_loss_features(self) -> int:
+        return 3 if self.loss_features == "ema" else 0
+
+    @property
+    def num_step_features(self) -> int:
+        """Inputs that are the same for every element of a step (time, then loss features): the last
+        rows of the MLP's first layer, folded into its bias, and the nominal schedule's inputs."""
+        return self.num_time_features + self.num_loss_features
 
     @property
     def needs_total_steps(self) -> bool:
@@ -274,6 +291,29 @@ def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.devic
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
     return _CONSTANTS[key]
+
+
+LOSS_DECAYS = (0.9, 0.99)  # fast and slow EMA of log loss (loss_features="ema")
+
+
+def update_loss_stats(stats: Tensor, loss: Tensor | None) -> Tensor:
+    """``stats = [count, fast EMA, slow EMA, first, last]`` of the run's log loss, after ``loss`` (no
+    gradient flows through it; a missing or non-finite loss leaves the stats as they are)."""
+    if loss is None:
+        return stats
+    ll = torch.log(torch.clamp(loss.detach().to(device=stats.device, dtype=stats.dtype).reshape(()), min=1e-12))
+    first = stats[0] == 0
+    fast = torch.where(first, ll, LOSS_DECAYS[0] * stats[1] + (1 - LOSS_DECAYS[0]) * ll)
+    slow = torch.where(first, ll, LOSS_DECAYS[1] * stats[2] + (1 - LOSS_DECAYS[1]) * ll)
+    new = torch.stack([stats[0] + 1, fast, slow, torch.where(first, ll, stats[3]), ll])
+    return torch.where(torch.isfinite(ll), new, stats)
+
+
+def loss_features(stats: Tensor) -> Tensor:
+    """The three loss inputs from :func:`update_loss_stats`'s stats (zeros before the first loss)."""
+    _, fast, slow, first, last = stats.unbind()
+    feats = torch.stack([torch.tanh(fast - slow), torch.tanh(2.0 * (last - fast)), torch.tanh((fast - first) / 3.0)])
+    return feats * (stats[0] > 0).to(feats.dtype)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:
@@ -351,7 +391,7 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
         elif name == "fac_mom":
             feats.append(m[:nmf] * fac[:nmf])
     # (channels, *shape) -> (n, channels); the explicit channel count also covers 0-element tensors
-    return torch.cat(feats, dim=0).reshape(cfg.num_inputs - cfg.num_time_features, g.numel()).transpose(0, 1)
+    return torch.cat(feats, dim=0).reshape(cfg.num_inputs - cfg.num_step_features, g.numel()).transpose(0, 1)
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -443,8 +483,8 @@ class LearnedOptimizer:
         c = self.config
         if c.nominal == "adam":
             theta["nominal_log_lr"] = torch.tensor(math.log(c.nominal_lr))
-            if c.nominal_schedule and c.num_time_features:
-                theta["nominal_time_w"] = torch.zeros(c.num_time_features)
+            if c.nominal_schedule and c.num_step_features:
+                theta["nominal_time_w"] = torch.zeros(c.num_step_features)
         if c.design == "normalized":
             theta["mix"] = torch.tensor(float(c.mix_init))
         if c.step_scale != "none":
@@ -584,6 +624,8 @@ class BoundLearnedOptimizer:
             if isinstance(T, bool) or int(T) != T or T < 1:
                 raise ValueError(f"total_steps must be a positive integer, got {T!r}")
             state["horizon"] = torch.tensor(float(T), dtype=step_dtype)
+        if c.loss_features != "none":
+            state["loss_stats"] = torch.zeros(5, dtype=step_dtype)
         for k, p in params.items():
             dtype = _state_dtype(p)
             state["m"][k] = torch.zeros((nm, *p.shape), dtype=dtype, device=p.device)
@@ -726,6 +768,9 @@ class BoundLearnedOptimizer:
             scales = [tensor_step_scale(params[k], c).to(x.dtype) if params[k].dim() >= 2
                       else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
         tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
+        if "loss_stats" in state:
+            new_state["loss_stats"] = update_loss_stats(state["loss_stats"], loss)
+            tfeat = torch.cat([tfeat, loss_features(new_state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
         out = self._mlp(x, tfeat)
         d, mag = out[:, 0], out[:, 1]
         lr = None

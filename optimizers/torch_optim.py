@@ -95,6 +95,7 @@ from optimizers.learned import BoundLearnedOptimizer, LearnedOptimizer, LOConfig
 from optimizers.tree import Params
 
 STATE_KEYS = ("m", "v", "row", "col")
+RUN_KEYS = ("horizon", "loss_stats")  # one per run, copied into every parameter's state
 # the functional update clamps the nominal log learning rate to this range
 LOG_LR_RANGE = (-20.0, 2.0)
 
@@ -165,8 +166,9 @@ def fresh_state(bound: BoundLearnedOptimizer, p: Tensor, total_steps: int | None
     out = {"step": st["step"], "m": st["m"]["p"], "v": st["v"]["p"], "row": st["row"]["p"]}
     if "p" in st["col"]:
         out["col"] = st["col"]["p"]
-    if "horizon" in st:
-        out["horizon"] = st["horizon"]
+    for key in RUN_KEYS:
+        if key in st:
+            out[key] = st[key]
     return out
 
 
@@ -181,14 +183,20 @@ def pack_state(step: int, dtype: torch.dtype, per_param: list[dict[str, Tensor]]
         for key in STATE_KEYS:
             if key in st:
                 state[key][str(i)] = st[key]
+    # the run's loss statistics (loss features) are one per run, kept in every parameter's state:
+    # the most advanced copy (a parameter that got its first gradient late starts from zeros)
+    stats = [st["loss_stats"] for st in per_param if "loss_stats" in st]
+    if stats:
+        state["loss_stats"] = max(stats, key=lambda t: float(t[0]))
     return state
 
 
 def unpack_state(new_state: dict, i: int) -> dict[str, Tensor]:
     k = str(i)
     out = {"step": new_state["step"]}
-    if "horizon" in new_state:
-        out["horizon"] = new_state["horizon"]
+    for key in RUN_KEYS:
+        if key in new_state:
+            out[key] = new_state[key]
     for key in STATE_KEYS:
         if k in new_state[key]:
             out[key] = new_state[key][k]
@@ -474,7 +482,7 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         for sid, p in zip(saved_ids, current):
             saved = saved_state.get(sid)
             if isinstance(saved, dict):
-                for key in (*STATE_KEYS, "horizon"):
+                for key in (*STATE_KEYS, *RUN_KEYS):
                     if isinstance(saved.get(key), Tensor):
                         # a copy: the fused step updates state in place, never the caller's dict
                         self.state[p][key] = saved[key].to(device=p.device, copy=True)

@@ -226,3 +226,99 @@ def test_bad_augment_entries_are_task_config_errors():
     for bad in ({"reparam": -1.0}, {"reparam": "x"}, {"grad_noise": float("inf")}, {"warp": 1}):
         with pytest.raises(TaskConfigError):
             build_task(_mlp_config(**bad))
+
+
+# ---- loss features (horizon-free) ---------------------------------------------------------------
+def test_loss_stats_follow_the_log_loss_and_skip_missing_or_bad_losses():
+    from optimizers.learned import loss_features, update_loss_stats
+
+    s = torch.zeros(5, dtype=torch.float64)
+    assert torch.equal(loss_features(s), torch.zeros(3, dtype=torch.float64))  # nothing seen yet
+    s = update_loss_stats(s, torch.tensor(math.e))
+    assert s.tolist() == pytest.approx([1.0, 1.0, 1.0, 1.0, 1.0])  # first loss: every EMA starts there
+    s2 = update_loss_stats(s, torch.tensor(1.0))  # log 1 = 0
+    assert s2.tolist() == pytest.approx([2.0, 0.9, 0.99, 1.0, 0.0])
+    f = loss_features(s2)
+    assert f.tolist() == pytest.approx([math.tanh(0.9 - 0.99), math.tanh(2 * (0.0 - 0.9)), math.tanh((0.9 - 1.0) / 3)])
+    assert torch.equal(update_loss_stats(s2, None), s2)
+    assert torch.equal(update_loss_stats(s2, torch.tensor(float("nan"))), s2)
+    # scale-free: multiplying every loss by a constant changes no feature
+    a, b = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
+    for x in (3.0, 2.0, 2.5, 1.0):
+        a, b = update_loss_stats(a, torch.tensor(x)), update_loss_stats(b, torch.tensor(1000 * x))
+    torch.testing.assert_close(loss_features(a), loss_features(b))
+
+
+def test_loss_features_reach_the_step_and_carry_meta_gradients():
+    """With loss_features="ema" the step depends on the losses passed (the first layer's last rows and
+    the schedule's loss weights get gradients); without a loss the features stay zero; the kernels
+    decline the config (reference path)."""
+    cfg = LOConfig(hidden_width=4, hidden_layers=1, output_init_scale=1.0, loss_features="ema")
+    lopt = LearnedOptimizer(cfg)
+    assert cfg.num_inputs == LOConfig(hidden_width=4, hidden_layers=1).num_inputs + 3
+    theta = {k: v.double() for k, v in lopt.init_theta(3).items()}
+    theta["nominal_time_w"] = torch.linspace(-0.5, 0.5, cfg.num_step_features, dtype=torch.float64)
+
+    def run(th, losses):
+        opt = lopt.bind(th, total_steps=6)
+        p = _params(1)
+        s = opt.init(p)
+        for t, loss in enumerate(losses):
+            p, s = opt.update(_grads(t), s, p, loss=loss)
+        return (p["w"] ** 2).sum() + (p["b"] ** 2).sum(), s
+
+    falling = [torch.tensor(x, dtype=torch.float64) for x in (2.0, 1.0, 0.5)]
+    rising = [torch.tensor(x, dtype=torch.float64) for x in (0.5, 1.0, 2.0)]
+    a, sa = run(theta, falling)
+    b, _ = run(theta, rising)
+    c, sc = run(theta, [None, None, None])
+    assert float(a) != pytest.approx(float(b)) and float(sa["loss_stats"][0]) == 3
+    assert torch.equal(sc["loss_stats"], torch.zeros(5, dtype=torch.float64))
+    leaves = {k: v.clone().requires_grad_() for k, v in theta.items()}
+    g = dict(zip(leaves, torch.autograd.grad(run(leaves, falling)[0], list(leaves.values()))))
+    n = cfg.num_inputs
+    assert float(g["w0"][n - 3:].abs().sum()) > 0 and float(g["nominal_time_w"][-3:].abs().sum()) > 0
+    from kernels.lo_step_reference import unsupported_reason
+
+    assert "loss_features" in unsupported_reason(LOConfig(loss_features="ema"))
+
+
+def test_drop_in_keeps_the_loss_statistics_of_the_run():
+    """LearnedOptimizerTorch with loss features: step(closure) feeds the loss; the run's statistics
+    survive a state_dict round trip; the steps equal the functional optimizer's."""
+    from optimizers.torch_optim import LearnedOptimizerTorch
+
+    cfg = LOConfig(hidden_width=4, hidden_layers=1, output_init_scale=1.0, loss_features="ema")
+    lopt = LearnedOptimizer(cfg)
+    theta = lopt.init_theta(2)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    x, y = torch.randn(16, 5), torch.randn(16, 3)
+    p0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = LearnedOptimizerTorch(model.parameters(), lopt, theta, total_steps=8, kernels=False)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    stats = opt.state[model.weight]["loss_stats"]
+    assert float(stats[0]) == 3
+    # the functional optimizer on the same losses gives the same parameters
+    f = lopt.bind(theta, total_steps=8, kernels=False)
+    p, s = p0, f.init(p0)
+    for _ in range(3):
+        loss, grads = None, None
+        with torch.enable_grad():
+            leaves = {k: v.clone().requires_grad_() for k, v in p.items()}
+            loss = ((torch.func.functional_call(model, leaves, (x,)) - y) ** 2).mean()
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        p, s = f.update(grads, s, p, loss=loss.detach())
+    torch.testing.assert_close(model.weight.detach(), p["weight"])
+    torch.testing.assert_close(s["loss_stats"], stats.to(s["loss_stats"].dtype))
+    again = LearnedOptimizerTorch(model.parameters(), lopt, theta, total_steps=8, kernels=False)
+    again.load_state_dict(opt.state_dict())
+    torch.testing.assert_close(again.state[model.bias]["loss_stats"], stats)

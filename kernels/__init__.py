@@ -1,4 +1,4 @@
-"""Fused kernels for the learned-optimizer step (issue 4).
+"""Fused kernels for the learned-optimizer step.
 
 * :mod:`kernels.lo_step_reference`: the PyTorch reference with the kernels' exact semantics (equal to
   ``optimizers.learned``), structured in the kernels' phases. Pure torch; always importable.

@@ -24,7 +24,7 @@ Protocol, per task ``dist.task(split, i)``:
 * a run whose minibatch loss becomes non-finite is stopped there (grid lanes are masked from then on)
   and its losses count as ``task.max_loss`` from that step; such runs are counted as ``diverged``.
 
-Speed-up over tuned Adam (after ``shared/REFERENCE.md`` section 3, simplified to one seed):
+Speed-up over tuned Adam (VeLO's protocol, Metz et al. 2022, arXiv:2211.09760, simplified to one seed):
 
 1. each run's per-step *minibatch* training loss (the loss at which its gradient is taken, after
    ``normalizer``) is smoothed by an EMA with decay ``ema`` = 0.95, started at the first value;

@@ -3,8 +3,9 @@
 For every parameter element the optimizer builds a feature vector from accumulators (momenta at three
 decays, an rms second moment, Adafactor row/column second moments) and time features, normalises each
 feature channel *per tensor* (``x * rsqrt(1e-5 + mean(x^2))``), and runs a small MLP with two outputs
-``(d, m)``. The learned step is ``d * exp(exp_mult * m) * step_mult`` (Metz et al. 2022; see
-``shared/REFERENCE.md``). An optional *nominal* Adam term with a meta-learned log learning rate is added:
+``(d, m)``. The learned step is ``d * exp(exp_mult * m) * step_mult`` (Metz et al. 2022, "Practical
+tradeoffs between memory, compute, and performance in learned optimizers"; google/learned_optimization's
+``AdafacMLPLOpt``). An optional *nominal* Adam term with a meta-learned log learning rate is added:
 Harrison et al. 2022 show such a term keeps learned optimizers stable off-distribution, and it gives
 early generations a sane starting point (the untrained optimizer is Adam plus a small learned term).
 Its learning rate may follow a learned schedule, ``log lr(t) = log lr + w . tanh(t / tau - 1)`` over

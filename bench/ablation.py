@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "default": {},
     "objective_valid": {"meta.meta_loss": "valid"},
     "objective_log_train_valid": {"meta.meta_loss": "log_train_valid"},
+    # session 3: the one-pass step (other float rounding than the rows above), and loss features
+    "default_s3": {},
+    "loss_features": {"lo.loss_features": "ema"},
 }
 # what a reader must know to compare rows measured under different presets / code
 _SESSION1 = "preset of session 1: 1 process, constant outer lr"
@@ -66,6 +69,10 @@ NOTES = {
     "default": "2 processes, outer lr warm-down over the last 25%; the committed default",
     "objective_valid": "2 processes, warm-down; meta-loss = validation loss",
     "objective_log_train_valid": "2 processes, warm-down; meta-loss = (log train + log valid) / 2",
+    "default_s3": "the default preset re-run with session 3's one-pass learned-optimizer step (same maths, other "
+                  "float rounding, so another final iterate: the spread between `default` and this row is run-to-run "
+                  "noise of meta-training)",
+    "loss_features": "as `default_s3`, plus the horizon-free loss inputs (`lo.loss_features ema`)",
 }
 
 

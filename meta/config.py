@@ -251,10 +251,6 @@ class RunConfig:
         if self.checkpoint_every < 1 or self.log_every < 1:
             raise ConfigError("checkpoint_every and log_every must be >= 1")
 
-    @property
-    def eval_horizon(self) -> int:
-        return self.eval.horizon or self.meta.horizon
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lo"] = self.lo.to_dict()

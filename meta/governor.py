@@ -67,9 +67,6 @@ from optimizers.learned import LearnedOptimizer
 from optimizers.tree import Params
 from tasks.base import TaskDistribution, seeded
 
-DECISIONS = ("adopt", "reject", "hold")
-
-
 @dataclass
 class Candidate:
     """What the governor reviews: an architecture bound to weights, plus how it was made."""
@@ -424,4 +421,4 @@ def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
-__all__ = ["DECISIONS", "Candidate", "Governor", "GovernorConfig", "TaskSubset", "Verdict", "task_scores"]
+__all__ = ["Candidate", "Governor", "GovernorConfig", "TaskSubset", "Verdict", "task_scores"]

@@ -293,12 +293,6 @@ class Lineage:
                 st.goal, st.goal_hash = e["goal"], goal_digest(e["goal"])  # generation 0's (the first) goal
         return st
 
-    def weights_path(self, generation: int) -> Path:
-        rec = self.state().records.get(generation)
-        if rec is None:
-            raise LineageError(f"generation {generation} is not in the lineage at {self.root}")
-        return self.root / rec["weights"]
-
     # ---- writing --------------------------------------------------------------------------
     @contextmanager
     def _lock(self) -> Iterator[None]:

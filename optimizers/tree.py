@@ -72,7 +72,3 @@ def unstack(tree: Tree, n: int) -> list[Tree]:
 
 def all_finite(tree: Tree) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tree_leaves(tree))
-
-
-def num_elements(tree: Tree) -> int:
-    return sum(t.numel() for t in tree_leaves(tree))

@@ -19,7 +19,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -67,10 +67,6 @@ class Task(ABC):
     def full_batch(self, split: str) -> Batch:
         """A fixed large batch for evaluation (whole split for small datasets)."""
         return self.sample_batch(split, seeded("full", self.seed, split))
-
-    def batches(self, split: str, generator: torch.Generator) -> Iterator[Batch]:
-        while True:
-            yield self.sample_batch(split, generator)
 
     @property
     def max_loss(self) -> float:
@@ -191,9 +187,6 @@ class TaskDistribution:
 
     def task(self, split: str, index: int) -> Task:
         return build_task(self.config(split, index))
-
-    def tasks(self, split: str, n: int, start: int = 0) -> list[Task]:
-        return [self.task(split, i) for i in range(start, start + n)]
 
     def digest(self) -> str:
         """Content hash of the distribution (lineage records which distribution trained what)."""

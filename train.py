@@ -427,6 +427,9 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
           f"'{cfg.meta.distribution}' with {cfg.meta.estimator}, population {cfg.meta.population}, "
           f"horizon {cfg.meta.horizon}, truncation {cfg.meta.truncation}; outer optimizer "
           f"{cfg.meta.outer_optimizer}", flush=True)
+    from kernels import describe_step_path
+
+    print(f"[ouroboros] {describe_step_path('cpu')}", flush=True)  # tasks live on the CPU
     t0 = time.time()
     with StopFlag() as stop:
         try:

@@ -21,7 +21,9 @@ Dispatch: ``LearnedOptimizer.bind(theta, kernels=None|True|False, precision=...)
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -39,28 +41,72 @@ def triton_available() -> bool:
     return True
 
 
-def use_kernels(device: torch.device | str | None) -> bool:
-    """Whether the fused Triton step should be used for tensors on ``device``.
+# Device classes on which the compiled kernels passed `python -m kernels.check_lo_step --record`
+# (committed with the repository): only there does the automatic choice use them.
+GPU_CHECKS = Path(__file__).with_name("gpu_checks.json")
 
-    Default: True on CUDA devices when triton imports and ``TRITON_INTERPRET`` is not set (under the
-    interpreter every launch would run in Python, e.g. after ``tests/test_kernels.py`` switched the
-    test process to it), else False. ``OUROBOROS_KERNELS=0`` turns the kernels off everywhere;
-    ``OUROBOROS_KERNELS=1`` turns them on wherever triton imports (on a CPU that only works together
-    with ``TRITON_INTERPRET=1``, which is how the tests run them). Any other value of the variable is an
-    error, so a typo does not silently change what runs.
+
+def recorded_checks() -> dict[str, dict]:
+    """``{device name: record}`` of passing GPU checks (empty when none was recorded)."""
+    return _read_checks(str(GPU_CHECKS))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_checks(path: str) -> dict[str, dict]:  # read once per process: dispatch asks every step
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return {}
+    return {name: rec for name, rec in data.get("devices", {}).items() if rec.get("passed") is True}
+
+
+def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
+    """``(use the fused Triton step on device, why)``.
+
+    Default: on a CUDA device whose name has a recorded passing check (:data:`GPU_CHECKS`, written by
+    ``python -m kernels.check_lo_step --record`` on that device), when triton imports and
+    ``TRITON_INTERPRET`` is not set (under the interpreter every launch would run in Python); elsewhere
+    the PyTorch step. Why a record: kernels that never ran on a device class are not trusted by
+    default. ``OUROBOROS_KERNELS=0`` turns the kernels off everywhere; ``OUROBOROS_KERNELS=1`` turns
+    them on wherever triton imports (on a CPU only together with ``TRITON_INTERPRET=1``, as the tests
+    run them). Any other value of the variable is an error, so a typo does not silently change what runs.
     """
     env = os.environ.get(ENV, "").strip().lower()
     if env in ("0", "false", "off", "no"):
-        return False
+        return False, f"{ENV}={os.environ[ENV]}"
     if env not in ("", "1", "true", "on", "yes"):
         raise ValueError(f"{ENV}={os.environ[ENV]!r}: use 0 or 1 (or leave it unset)")
     if not triton_available():
-        return False
+        return False, "triton is not importable"
     if env:
-        return True
-    if device is None or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return False
-    return torch.device(device).type == "cuda"
+        return True, f"{ENV}={os.environ[ENV]}"
+    if device is None:
+        return False, "no device"
+    device = torch.device(device)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False, "TRITON_INTERPRET is set (interpreted launches are for tests)"
+    if device.type != "cuda":
+        return False, f"{device.type} device (the kernels are for CUDA; {ENV}=1 with TRITON_INTERPRET=1 to test)"
+    try:
+        name = torch.cuda.get_device_name(device)
+    except (RuntimeError, AssertionError) as e:  # no usable CUDA here
+        return False, f"cannot query {device}: {e}"
+    if name not in recorded_checks():
+        return False, (f"no recorded passing GPU check for {name!r} in {GPU_CHECKS.name} (run "
+                       f"`python -m kernels.check_lo_step --record` on it, or {ENV}=1 to use them anyway)")
+    return True, f"{name!r} passed the GPU check ({GPU_CHECKS.name})"
 
 
-__all__ = ["use_kernels", "triton_available", "ENV"]
+def use_kernels(device: torch.device | str | None) -> bool:
+    """Whether the fused Triton step should be used for tensors on ``device`` (:func:`kernel_decision`)."""
+    return kernel_decision(device)[0]
+
+
+def describe_step_path(device: torch.device | str) -> str:
+    """One log line: which learned-optimizer step a run on ``device`` uses, and why."""
+    use, why = kernel_decision(device)
+    return f"learned-optimizer step: {'fused Triton kernels' if use else 'PyTorch'} ({why})"
+
+
+__all__ = ["use_kernels", "kernel_decision", "describe_step_path", "recorded_checks", "triton_available",
+           "ENV", "GPU_CHECKS"]

@@ -1,6 +1,8 @@
 """Check the *compiled* Triton step against the PyTorch reference on a CUDA device.
 
     python -m kernels.check_lo_step            # exit 0: all cases agree, 1: a mismatch, 2: no CUDA
+    python -m kernels.check_lo_step --record   # and, when all agree, trust this device class by default
+                                               # (adds it to kernels/gpu_checks.json; commit that file)
 
 Runs in its own process on purpose: ``tests/test_kernels.py`` switches its process to the Triton
 interpreter, so ``tests/test_kernels_cuda.py`` calls this script in a subprocess. Cases: the default
@@ -205,11 +207,41 @@ def run_all(device: str = "cuda", *, shapes: dict = SHAPES, blocks=None, lt=None
     return failed
 
 
-def main() -> int:
+def record_pass(path: Path, device_name: str) -> None:
+    """Add ``device_name`` to the record of passing GPU checks (what the automatic dispatch trusts)."""
+    import datetime
+    import subprocess
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # pragma: no cover - the check itself needs triton
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    data = json.loads(path.read_text()) if path.exists() else {"devices": {}}
+    data.setdefault("devices", {})[device_name] = {
+        "passed": True, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "triton": triton_version, "commit": commit}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         print("check_lo_step: no CUDA device; nothing checked", file=sys.stderr)
         return 2
-    return 1 if run_all("cuda", out=lambda line: print(line, flush=True)) else 0
+    failed = run_all("cuda", out=lambda line: print(line, flush=True))
+    if not failed and "--record" in argv:
+        from kernels import GPU_CHECKS
+
+        record_pass(GPU_CHECKS, torch.cuda.get_device_name())
+        print(f"check_lo_step: recorded {torch.cuda.get_device_name()!r} in {GPU_CHECKS}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

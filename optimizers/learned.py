@@ -415,10 +415,11 @@ def _kernels_disabled(kernels: bool | None, device: torch.device) -> str | None:
     Imports only the light :mod:`kernels` package (triton itself only when asked)."""
     import os
 
-    from kernels import ENV, triton_available, use_kernels
+    from kernels import ENV, kernel_decision, triton_available
 
     if kernels is None:
-        return None if use_kernels(device) else f"kernels not enabled for {device} (auto)"
+        use, why = kernel_decision(device)
+        return None if use else f"kernels not chosen for {device}: {why}"
     if not kernels:
         return "kernels=False"
     if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no"):

@@ -325,7 +325,7 @@ def test_use_kernels_env(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # interpreted CUDA launches: never by default
     assert kernels.use_kernels("cuda") is False
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert kernels.use_kernels("cuda") is kernels.triton_available()
+    assert kernels.use_kernels("cuda") is False  # no recorded passing GPU check for this machine's device
     monkeypatch.setenv(kernels.ENV, "0")
     assert kernels.use_kernels("cuda") is False
     monkeypatch.setenv(kernels.ENV, "1")
@@ -685,3 +685,32 @@ def test_lo_step_autograd_triton_forward_matches_plain_autograd():
             assert a is None or not a.any()
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_automatic_dispatch_trusts_only_recorded_gpu_checks(monkeypatch, tmp_path):
+    """On CUDA the kernels are used by default only for a device class with a recorded passing check;
+    the reason is said in one line; OUROBOROS_KERNELS=1 still forces them."""
+    import json as _json
+
+    import kernels as K
+    from kernels.check_lo_step import record_pass
+
+    monkeypatch.delenv(K.ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(K, "triton_available", lambda: True)
+    monkeypatch.setattr(K.torch.cuda, "get_device_name", lambda device=None: "Pretend GPU 80GB")
+    record = tmp_path / "gpu_checks.json"
+    monkeypatch.setattr(K, "GPU_CHECKS", record)
+    use, why = K.kernel_decision("cuda:0")
+    assert not use and "no recorded passing GPU check for 'Pretend GPU 80GB'" in why
+    assert "PyTorch" in K.describe_step_path("cuda:0")
+    record_pass(record, "Pretend GPU 80GB")
+    K._read_checks.cache_clear()
+    assert _json.loads(record.read_text())["devices"]["Pretend GPU 80GB"]["passed"] is True
+    use, why = K.kernel_decision("cuda:0")
+    assert use and "passed the GPU check" in why
+    assert not K.kernel_decision("cpu")[0]
+    monkeypatch.setattr(K.torch.cuda, "get_device_name", lambda device=None: "Another GPU")
+    assert not K.kernel_decision("cuda:0")[0]
+    monkeypatch.setenv(K.ENV, "1")
+    assert K.kernel_decision("cuda:0")[0]

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from kernels.lo_step_reference import lo_step_reference
+from kernels.lo_step_reference import RUN_KEYS, lo_step_reference
 from optimizers.learned import LOConfig
 
 STATE_KEYS = ("m", "v", "row", "col")
@@ -50,13 +50,12 @@ class _Layout:
         return ([params[k] for k in self.pkeys] + [grads[k] for k in self.pkeys]
                 + [state[key][k] for key, k in self.skeys] + [theta[k] for k in self.tkeys])
 
-    def unflatten(self, flat, step: Tensor, horizon: Tensor | None = None):
+    def unflatten(self, flat, step: Tensor, run: dict | None = None):
         n = len(self.pkeys)
         params = dict(zip(self.pkeys, flat[:n]))
         grads = dict(zip(self.pkeys, flat[n:2 * n]))
         state: dict = {"step": step, **{key: {} for key in STATE_KEYS}}
-        if horizon is not None:  # the run length T (time_features="fraction"); no gradient
-            state["horizon"] = horizon
+        state.update(run or {})  # horizon (T of the fraction features), loss_stats: no gradient
         for (key, k), t in zip(self.skeys, flat[2 * n:2 * n + len(self.skeys)]):
             state[key][k] = t
         theta = dict(zip(self.tkeys, flat[2 * n + len(self.skeys):]))
@@ -66,12 +65,12 @@ class _Layout:
         return tuple([new_params[k] for k in self.pkeys] + [new_state[key][k] for key, k in self.skeys])
 
 
-def _reference_backward(layout: _Layout, cfg: LOConfig, step: Tensor, horizon: Tensor | None, inputs,
+def _reference_backward(layout: _Layout, cfg: LOConfig, step: Tensor, run: dict, inputs,
                         grad_outputs):
     """The reference backward: recompute the reference step with autograd and differentiate it."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-        params, grads, state, theta = layout.unflatten(leaves, step, horizon)
+        params, grads, state, theta = layout.unflatten(leaves, step, run)
         new_params, new_state = lo_step_reference(params, grads, state, theta, cfg)
         outs = layout.outputs(new_params, new_state)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs) if g is not None and o.requires_grad]
@@ -86,9 +85,9 @@ class LOStepFunction(torch.autograd.Function):
     """Positional form; use :func:`lo_step_autograd`."""
 
     @staticmethod
-    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, horizon: Tensor | None, use_triton: bool,
+    def forward(layout: _Layout, cfg: LOConfig, step: Tensor, run: dict, use_triton: bool,
                 precision: str, opts: dict, *flat):
-        params, grads, state, theta = layout.unflatten([t.detach() for t in flat], step, horizon)
+        params, grads, state, theta = layout.unflatten([t.detach() for t in flat], step, run)
         if use_triton:
             from kernels.lo_step_triton import lo_step
 
@@ -101,9 +100,9 @@ class LOStepFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        layout, cfg, step, horizon, _, precision, opts, *flat = inputs
+        layout, cfg, step, run, _, precision, opts, *flat = inputs
         ctx.layout, ctx.cfg, ctx.step, ctx.precision, ctx.opts = layout, cfg, step, precision, opts
-        ctx.horizon = horizon
+        ctx.run = run
         # factored tensors' new row / col accumulators (outputs; the Triton backward needs them)
         n = len(layout.pkeys)
         ctx.fac_keys = [(key, k, n + j) for j, (key, k) in enumerate(layout.skeys)
@@ -118,7 +117,7 @@ class LOStepFunction(torch.autograd.Function):
         if ctx.opts["backward"] == "triton":
             grads = _triton_backward(ctx, saved[:n_in], saved[n_in:], grad_outputs)
         else:
-            grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, ctx.horizon, saved[:n_in], grad_outputs)
+            grads = _reference_backward(ctx.layout, ctx.cfg, ctx.step, ctx.run, saved[:n_in], grad_outputs)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[7:])]
         return (None, None, None, None, None, None, None, *grads)
 
@@ -128,7 +127,7 @@ def _triton_backward(ctx, inputs, fac_outputs, grad_outputs):
     from kernels.lo_step_backward import lo_step_backward
 
     layout: _Layout = ctx.layout
-    params, grads, state, theta = layout.unflatten(list(inputs), ctx.step, ctx.horizon)
+    params, grads, state, theta = layout.unflatten(list(inputs), ctx.step, ctx.run)
     new_rowcol: dict = {"row": {}, "col": {}}
     for (key, k, _), t in zip(ctx.fac_keys, fac_outputs):
         new_rowcol[key][k] = t
@@ -171,15 +170,16 @@ def lo_step_autograd(params: dict[str, Tensor], grads: dict[str, Tensor], state:
                 backward = "triton"
     layout = _Layout(params, state, theta)
     step = state["step"].detach()
-    horizon = state["horizon"].detach() if "horizon" in state else None
+    run = {key: state[key].detach() for key in RUN_KEYS if key in state}
     opts = {"backward": backward, "blocks": blocks}
-    outs = LOStepFunction.apply(layout, cfg, step, horizon, forward == "triton", precision, opts,
+    outs = LOStepFunction.apply(layout, cfg, step, run, forward == "triton", precision, opts,
                                 *layout.flatten(params, grads, state, theta))
     n = len(layout.pkeys)
     new_params = dict(zip(layout.pkeys, outs[:n]))
     new_state: dict = {"step": state["step"] + 1, **{key: {} for key in STATE_KEYS}}
-    if "horizon" in state:
-        new_state["horizon"] = state["horizon"]
+    for key in RUN_KEYS:
+        if key in state:
+            new_state[key] = state[key]
     for (key, k), t in zip(layout.skeys, outs[n:]):
         new_state[key][k] = t
     return new_params, new_state

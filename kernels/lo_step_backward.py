@@ -546,8 +546,8 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
     device = next(iter(params.values())).device
     na = len(cfg.adafactor_decays)
     f32 = {"dtype": torch.float32, "device": device}
-    horizon = state.get("horizon")
-    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=horizon)
+    horizon, loss_stats = state.get("horizon"), state.get("loss_stats")
+    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=horizon, loss_stats=loss_stats)
     sc = step_constant_table(k0)
     w0, wm, bm, wo, bo = _pack_theta(theta, cfg, device)
     b0 = k0.b0.float().contiguous()
@@ -661,7 +661,7 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
         for key in ("m", "v", "row", "col"):
             if k in out[key]:
                 out[key][k] = out[key][k].to(state[key][k].dtype)
-    out["theta"] = _theta_grads(theta, cfg, state["step"], theta_parts, device, horizon)
+    out["theta"] = _theta_grads(theta, cfg, state["step"], theta_parts, device, horizon, loss_stats)
     del keep_alive
     return out
 
@@ -671,7 +671,7 @@ def _like_or_zero(d: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _theta_grads(theta: dict[str, Tensor], cfg: LOConfig, step: Tensor, parts: list[Tensor], device,
-                 horizon: Tensor | None = None) -> dict:
+                 horizon: Tensor | None = None, loss_stats: Tensor | None = None) -> dict:
     """Unpack the summed per-program partials into theta's layout, plus the step constants' backward."""
     h = cfg.hidden_width
     out = {k: torch.zeros(v.shape, dtype=torch.float32, device=device) for k, v in theta.items()}
@@ -705,7 +705,8 @@ def _theta_grads(theta: dict[str, Tensor], cfg: LOConfig, step: Tensor, parts: l
     with torch.enable_grad():
         names = [k for k in ("w0", "b0", "nominal_log_lr", "nominal_time_w", "vector_log_lr") if k in theta]
         leaves = {k: theta[k].detach().to(device=device, dtype=torch.float32).requires_grad_() for k in names}
-        k0 = step_constants(step, {**theta, **leaves}, cfg, device=device, horizon=horizon)
+        k0 = step_constants(step, {**theta, **leaves}, cfg, device=device, horizon=horizon,
+                            loss_stats=loss_stats)
         outs, gouts = [k0.b0], [db0k]
         if k0.lr.requires_grad:
             outs.append(k0.lr)

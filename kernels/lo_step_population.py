@@ -46,6 +46,14 @@ def _horizons(state: dict, pop: int) -> Tensor | None:
     return _steps(state, pop, "horizon") if "horizon" in state else None
 
 
+def _loss_stats(state: dict, pop: int) -> Tensor | None:
+    """The members' loss statistics ``(P, 5)`` (shared ``(5,)`` ones expanded), or None."""
+    if "loss_stats" not in state:
+        return None
+    ls = state["loss_stats"]
+    return ls.expand(pop, *ls.shape) if ls.dim() == 1 else ls
+
+
 def population_size(thetas: dict[str, Tensor]) -> int:
     sizes = {v.shape[0] if v.dim() else None for v in thetas.values()}
     if len(sizes) != 1 or None in sizes:
@@ -59,37 +67,42 @@ def population_lo_step_reference(params: dict[str, Tensor], grads: dict[str, Ten
     pop = population_size(thetas)
     steps = _steps(state, pop)
     horizons = _horizons(state, pop)
+    loss_stats = _loss_stats(state, pop)
     outs = []
     for j in range(pop):
         st = {"step": steps[j], **{key: _member(state[key], j) for key in STATE_KEYS}}
         if horizons is not None:
             st["horizon"] = horizons[j]
+        if loss_stats is not None:
+            st["loss_stats"] = loss_stats[j]
         outs.append(lo_step_reference(_member(params, j), _member(grads, j), st, _member(thetas, j), cfg))
     new_params = {k: torch.stack([o[0][k] for o in outs]) for k in params}
     new_state: dict = {"step": state["step"] + 1}
-    if "horizon" in state:
-        new_state["horizon"] = state["horizon"]
+    for key in ("horizon", "loss_stats"):
+        if key in state:
+            new_state[key] = state[key]
     for key in STATE_KEYS:
         new_state[key] = {k: torch.stack([o[1][key][k] for o in outs]) for k in state[key]}
     return new_params, new_state
 
 
 def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfig, device,
-                          horizons: Tensor | None = None):
+                          horizons: Tensor | None = None, loss_stats: Tensor | None = None):
     """Per member: the step constants ``sc`` ``(P, SC_COLS)`` (bc1, bc2, lr, exp(vector_log_lr), mix) and
     the folded first bias ``(P, H)`` -- the single step's :func:`step_constants` with the member's step,
     horizon and weights, vmapped (a few launches whatever P)."""
     from kernels.lo_step_triton import step_constant_table
 
-    def one(step, horizon, theta):
-        k = step_constants(step, theta, cfg, device=device, horizon=horizon)
+    def one(step, theta, horizon=None, stats=None):
+        k = step_constants(step, theta, cfg, device=device, horizon=horizon, loss_stats=stats)
         return step_constant_table(k), k.b0
 
     th = {k: v.to(device) for k, v in thetas.items()}
-    if horizons is None:
-        sc, b0 = torch.func.vmap(lambda s, t: one(s, None, t))(steps.to(device), th)
+    extra = [x.to(device) for x in (horizons, loss_stats) if x is not None]
+    if horizons is None and loss_stats is not None:
+        sc, b0 = torch.func.vmap(lambda s, t, ls: one(s, t, None, ls))(steps.to(device), th, *extra)
     else:
-        sc, b0 = torch.func.vmap(one)(steps.to(device), horizons.to(device), th)
+        sc, b0 = torch.func.vmap(one)(steps.to(device), th, *extra)
     return sc.float().contiguous(), b0.float().contiguous()
 
 
@@ -169,7 +182,8 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
         new_state: dict = {"step": state["step"] + 1}
         for key in STATE_KEYS:
             new_state[key] = {k: work(t) for k, t in state[key].items()}
-        sc, b0 = _population_constants(_steps(state, pop), thetas, cfg, device, _horizons(state, pop))
+        sc, b0 = _population_constants(_steps(state, pop), thetas, cfg, device, _horizons(state, pop),
+                                       _loss_stats(state, pop))
         packed = _pack_population(thetas, cfg, device)
         nm = len(cfg.momentum_decays)
         items, members = [], []
@@ -197,8 +211,9 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
         if inplace:
             new_params = dict(params)
             new_state = {"step": new_state["step"], **{key: dict(state[key]) for key in STATE_KEYS}}
-        if "horizon" in state:
-            new_state["horizon"] = state["horizon"]
+        for key in ("horizon", "loss_stats"):
+            if key in state:
+                new_state[key] = state[key]
     return new_params, new_state
 
 

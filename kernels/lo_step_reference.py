@@ -48,8 +48,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from optimizers.learned import (
-    LOConfig, element_features, factored_dims, safe_sqrt, tensor_step_scale, time_features,
+    LOConfig, element_features, factored_dims, loss_features, safe_sqrt, tensor_step_scale, time_features,
 )
+
+# per-run state that is not per tensor: the run length T (fraction features) and the loss statistics
+# (loss features); carried through a step unchanged by the kernels (no gradient)
+RUN_KEYS = ("horizon", "loss_stats")
 
 # ---- canonical feature layout (shared with the Triton kernels) --------------------------------------
 # The kernels always build the same 28 channels for up to 3 momentum / 3 adafactor decays; a config's
@@ -86,7 +90,7 @@ def feature_slots(cfg: LOConfig) -> list[int]:
 KERNEL_OPTIONS = {"design": ("additive", "controller", "normalized"),
                   "time_features": ("absolute", "fraction", "none"),
                   "step_scale": ("none", "rms", "width"),
-                  "loss_features": ("none",)}
+                  "loss_features": ("none", "ema")}
 
 
 def unsupported_reason(cfg: LOConfig) -> str | None:
@@ -117,10 +121,13 @@ class StepConstants:
 
 
 def step_constants(step: Tensor, theta: dict[str, Tensor], cfg: LOConfig, dtype=torch.float32,
-                   device=None, horizon: Tensor | None = None) -> StepConstants:
+                   device=None, horizon: Tensor | None = None,
+                   loss_stats: Tensor | None = None) -> StepConstants:
     """Everything that is the same for all elements of a step (device tensors, no host sync).
 
-    ``step`` is the *old* step counter (``state["step"]``); ``horizon`` the run's length T
+    ``step`` is the *old* step counter (``state["step"]``); ``loss_stats`` (``loss_features="ema"``) the
+    run's loss statistics *after* this step's loss (``BoundLearnedOptimizer.update`` updates them before it
+    dispatches, so every path sees the same); ``horizon`` the run's length T
     (``state["horizon"]``), needed by ``time_features="fraction"`` only."""
     device = step.device if device is None else device
     step = (step + 1).to(device)
@@ -129,6 +136,10 @@ def step_constants(step: Tensor, theta: dict[str, Tensor], cfg: LOConfig, dtype=
     if horizon is not None:
         horizon = horizon.to(device)
     tfeat = time_features(step.to(dtype), horizon, cfg)  # optimizers.learned's own (0 features: empty)
+    if cfg.loss_features != "none":  # the run's loss statistics, already updated with this step's loss
+        if loss_stats is None:
+            raise ValueError("loss_features needs state['loss_stats'] (BoundLearnedOptimizer.init makes it)")
+        tfeat = torch.cat([tfeat, loss_features(loss_stats.to(device=device, dtype=tfeat.dtype))])
     b0 = theta["b0"].to(device=device, dtype=dtype) + tfeat @ w0[c:]
     bc1 = 1 - cfg.momentum_decays[0] ** step
     bc2 = 1 - cfg.rms_decay ** step
@@ -233,10 +244,12 @@ def lo_step_reference(params: dict[str, Tensor], grads: dict[str, Tensor], state
     # per-tensor state dtypes (>= fp32); the MLP runs in their promotion, as in optimizers.learned
     dtype = functools.reduce(torch.promote_types, (state["v"][k].dtype for k in params))
     device = state["v"][next(iter(params))].device
-    k0 = step_constants(state["step"], theta, cfg, dtype=dtype, device=device, horizon=state.get("horizon"))
+    k0 = step_constants(state["step"], theta, cfg, dtype=dtype, device=device, horizon=state.get("horizon"),
+                        loss_stats=state.get("loss_stats"))
     new_state: dict = {"step": state["step"] + 1, "m": {}, "v": {}, "row": {}, "col": {}}
-    if "horizon" in state:
-        new_state["horizon"] = state["horizon"]
+    for key in RUN_KEYS:
+        if key in state:
+            new_state[key] = state[key]
     new_params: dict[str, Tensor] = {}
 
     # phase 1: accumulators (factored ones written first) and per-tensor feature statistics

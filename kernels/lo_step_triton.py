@@ -64,7 +64,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.lo_step_reference import (
-    NUM_SLOTS, feature_slots, step_constants, unsupported_reason,
+    NUM_SLOTS, RUN_KEYS, feature_slots, step_constants, unsupported_reason,
 )
 from optimizers.learned import LOConfig, factored_dims
 
@@ -961,13 +961,15 @@ def _lo_step(params, grads, state, theta, cfg: LOConfig, precision: str, inplace
     new_params = {k: clone(p) for k, p in params.items()}
     new_state: dict = {"step": state["step"] + 1,  # where the caller keeps it (optimizers.learned: CPU)
                        "m": {}, "v": {}, "row": {}, "col": {}}
-    if "horizon" in state:
-        new_state["horizon"] = state["horizon"]
+    for key in RUN_KEYS:
+        if key in state:
+            new_state[key] = state[key]
     for key in ("m", "v", "row", "col"):
         for k, t in state[key].items():
             new_state[key][k] = clone(t)
     device = next(iter(params.values())).device
-    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=state.get("horizon"))
+    k0 = step_constants(state["step"], theta, cfg, device=device, horizon=state.get("horizon"),
+                        loss_stats=state.get("loss_stats"))
     consts = (step_constant_table(k0), k0.b0.float().contiguous())
     packed = _pack_theta(theta, cfg, device)
 

@@ -705,6 +705,8 @@ class BoundLearnedOptimizer:
         c = self.config
         if not params:
             return {}, {**state, "step": state["step"] + 1}
+        if "loss_stats" in state:  # the run's loss statistics first: every path below sees them updated
+            state = {**state, "loss_stats": update_loss_stats(state["loss_stats"], loss)}
         if self.kernels is not False and self.kernel_reason(grads, state, params, differentiable=True) is None:
             tensors = [*params.values(), *grads.values(), *self.theta.values(),
                        *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
@@ -718,8 +720,9 @@ class BoundLearnedOptimizer:
             return lo_step(params, grads, state, self.theta, c, precision=self.precision, inplace=False)
         step = state["step"] + 1
         new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
-        if "horizon" in state:
-            new_state["horizon"] = state["horizon"]
+        for key in ("horizon", "loss_stats"):  # per run, not per tensor: carried as they are
+            if key in state:
+                new_state[key] = state[key]
         # Every elementwise quantity is computed once over all tensors' elements concatenated (the
         # op count, not the arithmetic, is what a small task's step costs); only the Adafactor
         # accumulators, whose shapes differ, are per tensor. Per-tensor normalisations reduce over
@@ -771,8 +774,7 @@ class BoundLearnedOptimizer:
                       else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
         tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
         if "loss_stats" in state:
-            new_state["loss_stats"] = update_loss_stats(state["loss_stats"], loss)
-            tfeat = torch.cat([tfeat, loss_features(new_state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
+            tfeat = torch.cat([tfeat, loss_features(state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
         out = self._mlp(x, tfeat)
         d, mag = out[:, 0], out[:, 1]
         lr = None

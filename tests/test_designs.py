@@ -278,9 +278,32 @@ def test_loss_features_reach_the_step_and_carry_meta_gradients():
     g = dict(zip(leaves, torch.autograd.grad(run(leaves, falling)[0], list(leaves.values()))))
     n = cfg.num_inputs
     assert float(g["w0"][n - 3:].abs().sum()) > 0 and float(g["nominal_time_w"][-3:].abs().sum()) > 0
-    from kernels.lo_step_reference import unsupported_reason
 
-    assert "loss_features" in unsupported_reason(LOConfig(loss_features="ema"))
+
+def test_kernel_reference_matches_the_step_with_loss_features():
+    """The kernels' PyTorch reference (the semantics the Triton kernels are checked against) gives the
+    same step as BoundLearnedOptimizer.update when it gets the loss statistics already updated."""
+    from kernels.lo_step_reference import lo_step_reference, unsupported_reason
+    from optimizers.learned import update_loss_stats
+
+    cfg = LOConfig(hidden_width=16, hidden_layers=2, output_init_scale=1.0, loss_features="ema")
+    assert unsupported_reason(cfg) is None
+    lopt = LearnedOptimizer(cfg)
+    theta = lopt.init_theta(4)
+    theta["nominal_time_w"] = torch.linspace(-0.5, 0.5, cfg.num_step_features)
+    opt = lopt.bind(theta, total_steps=10, kernels=False)
+    p = {k: v.float() for k, v in _params(2).items()}
+    s = opt.init(p)
+    for t, loss in enumerate((3.0, 2.0, 2.5)):
+        g = {k: v.float() for k, v in _grads(t).items()}
+        loss = torch.tensor(loss)
+        want_p, want_s = opt.update(g, s, p, loss=loss)
+        got_p, got_s = lo_step_reference(p, g, {**s, "loss_stats": update_loss_stats(s["loss_stats"], loss)},
+                                         theta, cfg)
+        for k in p:
+            torch.testing.assert_close(got_p[k], want_p[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got_s["loss_stats"], want_s["loss_stats"])
+        p, s = want_p, want_s
 
 
 def test_drop_in_keeps_the_loss_statistics_of_the_run():

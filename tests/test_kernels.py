@@ -156,6 +156,8 @@ def make_problem(cfg: LOConfig, shapes=SHAPES, seed=0, pdtype=torch.float32, ste
 
     params = {k: rand(s, 0.05) for k, s in shapes.items()}  # small: rounding of p << the step
     state = lo.bind(theta).init(params, total_steps=horizon if cfg.needs_total_steps else None)
+    if "loss_stats" in state:  # loss_features="ema": a run that has seen losses (zeros would hide the features)
+        state["loss_stats"] = torch.tensor([2.0 + seed, 0.4, 0.9, 1.5, 0.1 * seed], dtype=state["loss_stats"].dtype)
 
     def grads():
         out = {k: rand(s, 2.0) for k, s in shapes.items()}

@@ -270,9 +270,10 @@ def _population(cfg, shapes, pop, shared_step=False):
     steps = torch.stack([p[2]["step"] for p in probs])
     state = {"step": steps[0] if shared_step else steps,
              **{key: _stack([p[2][key] for p in probs]) for key in STATE_KEYS}}
-    if "horizon" in probs[0][2]:
-        horizons = torch.stack([p[2]["horizon"] for p in probs])
-        state["horizon"] = horizons[0] if shared_step else horizons
+    for key in ("horizon", "loss_stats"):
+        if key in probs[0][2]:
+            stacked = torch.stack([p[2][key] for p in probs])
+            state[key] = stacked[0] if shared_step else stacked
     grads = _stack([p[3]() for p in probs])
     return thetas, params, state, grads
 

@@ -43,6 +43,8 @@ CONFIGS = {
                                     nominal="none", output_init_scale=1.0, **SMALL),
     "controller-width-fixed-lr": LOConfig(step_scale="width", width_ref=3, scale_power=2.0, nominal_schedule=False,
                                           hidden_width=16, hidden_layers=3),
+    # the default preset's learned optimizer: horizon-free loss features on top of the default
+    "loss-ema": LOConfig(loss_features="ema", **SMALL),
 }
 
 
@@ -148,7 +150,7 @@ def _gradients(step_fn, theta, params, grads, state):
 
 
 @needs_triton
-@pytest.mark.parametrize("name", ["default", "controller-absolute", "additive-none-width", "normalized"])
+@pytest.mark.parametrize("name", ["default", "controller-absolute", "additive-none-width", "normalized", "loss-ema"])
 def test_backward_equals_learned_autograd(name):
     """lo_step_autograd (Triton forward; Triton backward, or for "normalized" the reference backward)
     == autograd through optimizers.learned: theta (incl. nominal_time_w, vector_log_lr, mix), params,
@@ -227,7 +229,7 @@ def test_meta_gradient_finite_where_a_gradient_is_zero(name):
 
 # ---- population: one weight set and one run length T per member ------------------------------------------
 @needs_triton
-@pytest.mark.parametrize("name,shared", [("default", False), ("normalized", True)])
+@pytest.mark.parametrize("name,shared", [("default", False), ("normalized", True), ("loss-ema", False)])
 def test_population_per_member_horizon(name, shared):
     """population_lo_step == each member's optimizers.learned step with its own weights and T
     (``state["horizon"]`` of shape (P,); () shared)."""
@@ -246,12 +248,13 @@ def test_population_per_member_horizon(name, shared):
     for j in range(pop):
         st = {"step": state["step"] if shared else state["step"][j],
               **{key: {k: v[j] for k, v in state[key].items()} for key in STATE_KEYS}}
-        if "horizon" in state:
-            st["horizon"] = state["horizon"] if shared else state["horizon"][j]
+        for key in ("horizon", "loss_stats"):
+            if key in state:
+                st[key] = state[key] if shared else state[key][j]
         pj = {k: v[j] for k, v in params.items()}
         one = _learned(cfg, {k: v[j] for k, v in thetas.items()}).update({k: v[j] for k, v in grads.items()}, st, pj)
         assert_same_step(one, ({k: v[j] for k, v in got[0].items()},
-                               {"step": one[1]["step"], **({"horizon": st["horizon"]} if "horizon" in st else {}),
+                               {"step": one[1]["step"], **{key: st[key] for key in ("horizon", "loss_stats") if key in st},
                                 **{key: {k: v[j] for k, v in got[1][key].items()} for key in STATE_KEYS}}), pj)
 
 
@@ -282,9 +285,10 @@ def test_kernels_accept_every_step_option():
     import itertools
 
     from kernels.lo_step_reference import KERNEL_OPTIONS, unsupported_reason
-    from optimizers.learned import DESIGNS, STEP_SCALES, TIME_FEATURES
+    from optimizers.learned import DESIGNS, LOSS_FEATURES, STEP_SCALES, TIME_FEATURES
 
-    assert (set(DESIGNS), set(TIME_FEATURES), set(STEP_SCALES)) == tuple(set(v) for v in KERNEL_OPTIONS.values())
+    assert (set(DESIGNS), set(TIME_FEATURES), set(STEP_SCALES), set(LOSS_FEATURES)) == tuple(
+        set(v) for v in KERNEL_OPTIONS.values())
     for design, tf, scale in itertools.product(DESIGNS, TIME_FEATURES, STEP_SCALES):
         assert unsupported_reason(LOConfig(design=design, time_features=tf, step_scale=scale)) is None
     future = LOConfig()

@@ -419,11 +419,18 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
         return self._global_step
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None):
+        """One step. A learned optimizer with loss features (``loss_features="ema"``, the default
+        preset's) reads the run's loss: from ``closure()`` as in ``torch.optim``, or, without a closure,
+        from ``loss=`` (the value you called ``backward()`` on). Without either its loss inputs stay
+        where they were (zero in a run that never gave one), which it was not meta-trained for."""
         if closure is not None:
+            if loss is not None:
+                raise ValueError("give the loss through closure or loss=, not both")
             with torch.enable_grad():
                 loss = closure()
+        elif loss is not None and not isinstance(loss, Tensor):
+            loss = torch.tensor(float(loss))
         horizon = self._horizon()
         buckets: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, dict]]] = defaultdict(list)
         for group in self.param_groups:

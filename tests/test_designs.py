@@ -345,3 +345,36 @@ def test_drop_in_keeps_the_loss_statistics_of_the_run():
     again = LearnedOptimizerTorch(model.parameters(), lopt, theta, total_steps=8, kernels=False)
     again.load_state_dict(opt.state_dict())
     torch.testing.assert_close(again.state[model.bias]["loss_stats"], stats)
+
+
+def test_drop_in_takes_the_loss_without_a_closure():
+    """``step(loss=...)`` after ``loss.backward()`` is the same step as ``step(closure)``."""
+    from optimizers.torch_optim import LearnedOptimizerTorch
+
+    cfg = LOConfig(hidden_width=4, hidden_layers=1, output_init_scale=1.0, loss_features="ema")
+    lopt = LearnedOptimizer(cfg)
+    theta = lopt.init_theta(5)
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(1)), torch.randn(16, 3)
+    models = []
+    for mode in ("closure", "loss", "none"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = LearnedOptimizerTorch(model.parameters(), lopt, theta, total_steps=8, kernels=False)
+        for _ in range(3):
+            if mode == "closure":
+                def closure():
+                    opt.zero_grad()
+                    loss = ((model(x) - y) ** 2).mean()
+                    loss.backward()
+                    return loss
+                opt.step(closure)
+            else:
+                opt.zero_grad()
+                loss = ((model(x) - y) ** 2).mean()
+                loss.backward()
+                opt.step(loss=loss) if mode == "loss" else opt.step()
+        models.append(model)
+    torch.testing.assert_close(models[0].weight, models[1].weight)
+    assert not torch.allclose(models[0].weight, models[2].weight)  # the loss inputs matter
+    with pytest.raises(ValueError, match="not both"):
+        opt.step(lambda: torch.tensor(1.0), loss=1.0)

@@ -42,13 +42,14 @@ def presets() -> dict[str, Any]:
     # 400 outer steps of truncated backprop over 8 tasks, one torch thread (tiny ops: threads only add
     # synchronisation; under contention 2 threads were 10x slower), two processes (members and evaluation
     # tasks split over them: 1.7x faster on the 2-core machine, see README "Scaling out"); the outer
-    # learning rate decays to 0 over the last 25% of the steps (the final iterate is otherwise noisy);
-    # the learned optimizer also sees its run's loss (horizon-free loss features; docs/ablation.md).
+    # learning rate decays to 0 over the last 25% of the steps (the final iterate is otherwise noisy).
+    # Loss features (lo.loss_features ema) measured better on held-out validation loss but far worse as
+    # the outer optimizer of the governor's loop check (docs/ablation.md), so they stay an option.
     from optimizers.learned import LOConfig
 
     default = RunConfig(
         meta=MetaConfig(meta_loss="train", outer_steps=400, outer_decay=0.25),
-        lo=LOConfig(loss_features="ema"),
+        lo=LOConfig(),
         eval=EvalConfig(),
         out_dir="runs/default",
         threads=1,

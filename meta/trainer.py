@@ -24,6 +24,7 @@ member to rank 0, which alone writes a checkpoint in the single-process format; 
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -166,6 +167,15 @@ class MetaTrainer:
         hi, neg_lo = D.all_reduce_scalars([self._local_seconds, -self._local_seconds], "max")
         metrics.update(shard_seconds_max=hi, shard_seconds_min=-neg_lo)
 
+    def _outer_loss(self, meta_loss: float | None) -> torch.Tensor | None:
+        """The loss the outer optimizer is given (a learned one with loss features reads it, as it reads
+        its inner tasks' losses): the population's meta-loss, as a positive loss (``exp`` of a log
+        meta-loss, the geometric mean of the losses); None when no member gave a finite one."""
+        if meta_loss is None or not math.isfinite(meta_loss):
+            return None
+        value = math.exp(meta_loss) if self.cfg.meta.meta_loss.startswith("log") else meta_loss
+        return torch.tensor(value, dtype=torch.float64)
+
     # ---- training ---------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -184,7 +194,8 @@ class MetaTrainer:
             self.bad_steps = 0
             grad, norm = clip_meta_grad(grad, self.cfg.meta.grad_clip_value or None,
                                         self.cfg.meta.grad_clip_norm or None)
-            self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta)
+            self.theta, self.outer_state = self.outer.update(grad, self.outer_state, self.theta,
+                                                             loss=self._outer_loss(metrics["meta_loss"]))
             self.theta = {k: v.detach() for k, v in self.theta.items()}
         self.step += 1
         metrics.update(grad_norm=norm, step_time=time.perf_counter() - t0)

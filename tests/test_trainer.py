@@ -263,3 +263,19 @@ def test_help_shows_the_default_presets_values():
     flat = " ".join(r.stdout.split())
     assert "--meta.outer_steps V (default preset: 400)" in flat
     assert "--procs V (default preset: 2)" in flat
+
+
+def test_a_learned_outer_optimizer_reads_the_meta_loss(tmp_path):
+    """A learned outer optimizer with loss features is given the population's meta-loss (as a positive
+    loss: exp of a log meta-loss), as it is given its inner tasks' losses; Adam ignores it."""
+    from optimizers.learned import LearnedOptimizer
+
+    outer_lo = LearnedOptimizer(LOConfig(hidden_width=4, hidden_layers=1, loss_features="ema"))
+    path = tmp_path / "outer"
+    ckpt.save_learned_optimizer(path, outer_lo, outer_lo.init_theta(1))
+    cfg = _cfg(tmp_path, **{"meta.outer_optimizer": str(path), "meta.meta_loss": "log_train"})
+    trainer = MetaTrainer(cfg)
+    losses = [trainer.train_step()["meta_loss"] for _ in range(2)]
+    stats = trainer.outer_state["loss_stats"]
+    assert float(stats[0]) == 2  # both steps' meta-losses were seen
+    assert float(stats[3]) == pytest.approx(losses[0], rel=1e-6)  # log(exp(log meta-loss)): the first one

@@ -72,7 +72,14 @@ NOTES = {
     "default_s3": "the default preset re-run with session 3's one-pass learned-optimizer step (same maths, other "
                   "float rounding, so another final iterate: the spread between `default` and this row is run-to-run "
                   "noise of meta-training)",
-    "loss_features": "as `default_s3`, plus the horizon-free loss inputs (`lo.loss_features ema`)",
+    "loss_features": "session 3's one-pass step, 2 processes, warm-down, plus the horizon-free loss inputs "
+                     "(`lo.loss_features ema`). Best row on held-out validation loss, but its loop check is "
+                     "+0.533 (computed before the trainer gave a learned outer optimizer the meta-loss; with "
+                     "it, `bench/loop_probe.py` measured +0.449 [+0.180, +0.718]): as an outer optimizer its "
+                     "loss inputs see a meta-loss that barely moves in 20 steps, unlike any inner run it was "
+                     "meta-trained on. The same preset without loss features scored +0.171 in this session's "
+                     "generations run (gen 0 rejected) and +0.026 in the previous one, so the default keeps "
+                     "them off",
 }
 
 

@@ -8,6 +8,8 @@ one thing changed at a time.
     python bench/loop_probe.py scale=0.6                 # another outer update scale
     python bench/loop_probe.py T=200 scale=0.16          # the outer run seen as the first 10% of a 200-step run
     python bench/loop_probe.py ckpt=runs/default/checkpoint
+    python bench/loop_probe.py plain_small=3              # tensors of < 3 elements take the plain nominal step
+                                                          # (the MLP's output zeroed there; theta's scalars)
 
 About 3 minutes each on 2 cores. Prints the mean per-task log-loss gap (candidate-trained minus
 Adam-trained) with its 95% t-interval; the governor's bound is ``gov.loop_tolerance`` (+0.1).
@@ -27,6 +29,17 @@ from optimizers import checkpoint as ck  # noqa: E402
 from tasks import get_distribution  # noqa: E402
 
 opts = dict(a.split("=", 1) for a in sys.argv[1:])
+if "plain_small" in opts:
+    from optimizers.learned import BoundLearnedOptimizer as _B
+    _N = int(opts["plain_small"]); _ou, _om = _B.update, _B._mlp
+    def _upd(self, grads, state, params, **kw):
+        self._sizes = [p.numel() for p in params.values()]
+        return _ou(self, grads, state, params, **kw)
+    def _mlp(self, x, tfeat=None):
+        out = _om(self, x, tfeat)
+        mask = torch.cat([torch.full((n,), float(n >= _N)) for n in self._sizes]).to(out.dtype)
+        return out * mask[:, None]
+    _B.update, _B._mlp = _upd, _mlp
 tensors, meta = ck.load(opts.get("ckpt", "runs/ablation/controller/checkpoint"))
 cfg = RunConfig.from_dict(meta["run_config"])
 lopt, theta = ck.learned_optimizer_from(tensors, meta, "x")

@@ -259,8 +259,10 @@ def _generations_summary(run: Path) -> dict:
     from optimizers import checkpoint as ckpt
 
     lineage = Lineage(run)
-    entries = lineage.verify()  # the hash chain and every weights file check out
-    out = {"entries": [(e["kind"], e["generation"], e["status"], e["trained_by"], e["parent"], e["verdict"]["decision"],
+    every = lineage.verify()  # the hash chain and every weights file check out
+    entries = [e for e in every if e["kind"] == "generation"]
+    out = {"sustain": [(e["kind"], e.get("generation"), e.get("decision")) for e in every if e["kind"] != "generation"],
+           "entries": [(e["kind"], e["generation"], e["status"], e["trained_by"], e["parent"], e["verdict"]["decision"],
                         e["outer_steps"]) for e in entries],
            "weights": [ckpt.load_learned_optimizer(lineage.root / e["weights"])[1] for e in entries],
            "scores": []}

@@ -400,10 +400,34 @@ def _normalize(x: Tensor) -> Tensor:
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
 
 
+CHUNK_ELEMENTS = 1 << 16  # largest group of tensors stepped as one concatenation (BoundLearnedOptimizer.update)
+
+
+def _groups(params: Params) -> list[list[str]]:
+    """Consecutive tensors grouped up to CHUNK_ELEMENTS elements; a larger tensor forms its own group."""
+    out: list[list[str]] = []
+    cur: list[str] = []
+    n = 0
+    for k, p in params.items():
+        if cur and n + p.numel() > CHUNK_ELEMENTS:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(k)
+        n += p.numel()
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat``, except that one tensor is returned as it is (no copy: groups of one large tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
+
+
 def _broadcast(per_tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
     """Rows ``per_tensor[i]`` repeated ``sizes[i]`` times (an expand per tensor and one copy; its
     backward is a sum per tensor, unlike ``index_select``'s scatter, measured slower on CPU)."""
-    return torch.cat([row.expand(n, *row.shape) for row, n in zip(per_tensor, sizes)])
+    return _cat([row.expand(n, *row.shape) for row, n in zip(per_tensor, sizes)])
 
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
@@ -723,11 +747,24 @@ class BoundLearnedOptimizer:
         for key in ("horizon", "loss_stats"):  # per run, not per tensor: carried as they are
             if key in state:
                 new_state[key] = state[key]
+        # Tensors are stepped in groups of at most CHUNK_ELEMENTS elements (a larger tensor alone):
+        # within a group every elementwise quantity is computed once over the group's elements
+        # concatenated, which removes the per-tensor op overhead that dominates small models; the
+        # groups bound the concatenation copies that would otherwise slow large ones (measured at 1M
+        # parameters: one group for all 1.65x slower than per tensor).
+        new_params: dict = {}
+        for names in _groups(params):
+            self._step_group(names, grads, state, params, step, new_params, new_state)
+        return new_params, new_state
+
+    def _step_group(self, names: list[str], grads: Params, state: dict, params: Params, step: Tensor,
+                    new_params: dict, new_state: dict) -> None:
+        """One group's step (see :meth:`update`), written into ``new_params`` / ``new_state``."""
+        c = self.config
         # Every elementwise quantity is computed once over all tensors' elements concatenated (the
         # op count, not the arithmetic, is what a small task's step costs); only the Adafactor
         # accumulators, whose shapes differ, are per tensor. Per-tensor normalisations reduce over
         # each tensor's slice. Same maths as a per-tensor loop (measured: meta-training step -20%).
-        names = list(params)
         sizes = tuple(params[k].numel() for k in names)
         sdt = {k: state["v"][k].dtype for k in names}
         dt = sdt[names[0]]
@@ -735,13 +772,13 @@ class BoundLearnedOptimizer:
             dt = torch.promote_types(dt, sdt[k])
         nm = len(c.momentum_decays)
         counts = self._counts(sizes, params[names[0]].device)
-        g = torch.cat([grads[k].reshape(-1).to(dt) for k in names])
+        g = _cat([grads[k].reshape(-1).to(dt) for k in names])
         # sanitise: NaN -> 0, +-inf -> clip; then clip (bounded features by construction)
         g = torch.clamp(torch.nan_to_num(g, nan=0.0, posinf=c.grad_clip, neginf=-c.grad_clip),
                         -c.grad_clip, c.grad_clip)
         md, one_md, _, _ = self._decay_tensors(g)
-        m = md * torch.cat([state["m"][k].reshape(nm, -1).to(dt) for k in names], dim=1) + one_md * g
-        v = c.rms_decay * torch.cat([state["v"][k].reshape(-1).to(dt) for k in names]) \
+        m = md * _cat([state["m"][k].reshape(nm, -1).to(dt) for k in names], dim=1) + one_md * g
+        v = c.rms_decay * _cat([state["v"][k].reshape(-1).to(dt) for k in names]) \
             + (1 - c.rms_decay) * g * g
         g2 = g * g + 1e-30
         blocks = []
@@ -753,8 +790,8 @@ class BoundLearnedOptimizer:
                 new_state["col"][k] = col.to(sdt[k])
             blocks.append(block)
         na = len(c.adafactor_decays)
-        fac_blocks = torch.cat(blocks, dim=1)  # (3 * na, n): row_b, col_b, fac
-        p_flat = torch.cat([params[k].reshape(-1).to(dt) for k in names]) if "param" in c.features else g
+        fac_blocks = _cat(blocks, dim=1)  # (3 * na, n): row_b, col_b, fac
+        p_flat = _cat([params[k].reshape(-1).to(dt) for k in names]) if "param" in c.features else g
         x = element_features(g, p_flat, m, v, fac_blocks[:na], fac_blocks[na:2 * na], fac_blocks[2 * na:], c)
         x = x * _broadcast(torch.rsqrt(1e-5 + self._per_tensor_mean_sq(x, sizes, counts)), sizes)
         for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
@@ -795,7 +832,5 @@ class BoundLearnedOptimizer:
         if scales:
             delta = delta * _broadcast(torch.stack(scales), sizes)
         delta = torch.clamp(delta, -c.max_update, c.max_update)
-        new_params = {}
-        for (k, p), piece in zip(params.items(), torch.split(delta, sizes)):
-            new_params[k] = p - piece.reshape(p.shape).to(p.dtype)
-        return new_params, new_state
+        for k, piece in zip(names, torch.split(delta, sizes)):
+            new_params[k] = params[k] - piece.reshape(params[k].shape).to(params[k].dtype)

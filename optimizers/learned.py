@@ -569,18 +569,18 @@ class BoundLearnedOptimizer:
         self.theta = theta
         self.kernels = kernels
         self.precision = precision
-        self._decays: dict = {}  # constants built once: decays per (dtype, device, ndim), element counts
+        self._constants: dict = {}  # constants built once: decays per (dtype, device, ndim), element counts
 
     def _decay_tensors(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(md, 1 - md, ad, 1 - ad)`` shaped to broadcast over a tensor like ``g`` (cached: building
         them from Python lists was ~a tenth of a small task's step)."""
         key = (g.dtype, g.device, g.dim())
-        if key not in self._decays:
+        if key not in self._constants:
             c, ones = self.config, [1] * g.dim()
             md = torch.tensor(c.momentum_decays, dtype=g.dtype, device=g.device).reshape(-1, *ones)
             ad = torch.tensor(c.adafactor_decays, dtype=g.dtype, device=g.device).reshape(-1, *ones)
-            self._decays[key] = (md, 1 - md, ad, 1 - ad)
-        return self._decays[key]
+            self._constants[key] = (md, 1 - md, ad, 1 - ad)
+        return self._constants[key]
 
     # ---- dispatch ---------------------------------------------------------------------------
     def kernel_reason(self, grads: Params, state: dict, params: Params, *,
@@ -623,6 +623,14 @@ class BoundLearnedOptimizer:
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
+
+    def observe_loss(self, state: dict, loss: Tensor | None) -> dict:
+        """``state`` with the run's loss statistics updated by ``loss`` (loss features; unchanged
+        otherwise). Done before any step path dispatches, so the PyTorch step and the kernels (which
+        read ``state["loss_stats"]`` as given) see the same."""
+        if "loss_stats" not in state:
+            return state
+        return {**state, "loss_stats": update_loss_stats(state["loss_stats"], loss)}
 
     # ---- state ------------------------------------------------------------------------------
     @property
@@ -697,9 +705,9 @@ class BoundLearnedOptimizer:
     def _counts(self, sizes: tuple[int, ...], device: torch.device) -> Tensor:
         """Per-tensor element counts (at least 1), shape (tensors, 1), cached per list of sizes."""
         key = ("counts", sizes, device)
-        if key not in self._decays:
-            self._decays[key] = torch.tensor([[max(n, 1)] for n in sizes], dtype=torch.float32, device=device)
-        return self._decays[key]
+        if key not in self._constants:
+            self._constants[key] = torch.tensor([[max(n, 1)] for n in sizes], dtype=torch.float32, device=device)
+        return self._constants[key]
 
     @staticmethod
     def _per_tensor_mean_sq(x: Tensor, sizes: tuple[int, ...], counts: Tensor) -> Tensor:
@@ -729,8 +737,7 @@ class BoundLearnedOptimizer:
         c = self.config
         if not params:
             return {}, {**state, "step": state["step"] + 1}
-        if "loss_stats" in state:  # the run's loss statistics first: every path below sees them updated
-            state = {**state, "loss_stats": update_loss_stats(state["loss_stats"], loss)}
+        state = self.observe_loss(state, loss)  # first: every path below sees the updated statistics
         if self.kernels is not False and self.kernel_reason(grads, state, params, differentiable=True) is None:
             tensors = [*params.values(), *grads.values(), *self.theta.values(),
                        *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]

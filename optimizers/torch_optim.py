@@ -458,10 +458,8 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             if _plain_groups(items, unit) and bound.kernel_reason(grads, state, params) is None:
                 # fused step in place: the parameters and the per-parameter state tensors themselves
                 from kernels.lo_step_triton import lo_step
-                from optimizers.learned import update_loss_stats
 
-                if "loss_stats" in state:  # as BoundLearnedOptimizer.update: this step's loss first
-                    state["loss_stats"] = update_loss_stats(state["loss_stats"], loss_arg)
+                state = bound.observe_loss(state, loss_arg)  # as BoundLearnedOptimizer.update does
                 _, new_state = lo_step(params, grads, state, bound.theta, self.lopt.config,
                                        precision=self.kernel_precision, inplace=True)
                 for p, _ in items:

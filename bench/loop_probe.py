@@ -10,6 +10,9 @@ one thing changed at a time.
     python bench/loop_probe.py ckpt=runs/default/checkpoint
     python bench/loop_probe.py plain_small=3              # tensors of < 3 elements take the plain nominal step
                                                           # (the MLP's output zeroed there; theta's scalars)
+    python bench/loop_probe.py ratios=1                   # only the candidate's 20 outer steps: its update
+                                                          # RMS over Adam's (same meta-gradients, own state),
+                                                          # per tensor of the outer problem (~1 minute)
 
 About 3 minutes each on 2 cores. Prints the mean per-task log-loss gap (candidate-trained minus
 Adam-trained) with its 95% t-interval; the governor's bound is ``gov.loop_tolerance`` (+0.1).
@@ -73,6 +76,43 @@ class ProbeCandidate(Candidate):
 
 dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
 loop = LoopTrainer(cfg, cfg.lo, seed=cfg.meta.seed + 7919)
+
+if opts.get("ratios"):
+    from optimizers.hand import Adam
+    from optimizers.transforms import scale_updates
+
+    class StepRatio:
+        """The scaled candidate as outer optimizer, with Adam (the outer lr) run beside it on the same
+        meta-gradients: per step, the RMS of each optimizer's update per tensor."""
+
+        horizon_aware = True
+
+        def __init__(self, opt, rows):
+            self.opt, self.rows, self.adam = opt, rows, Adam(lr=cfg.meta.outer_lr)
+
+        def with_total_steps(self, total):
+            return StepRatio(self.opt.with_total_steps(total), self.rows)
+
+        def init(self, params, **kw):
+            self.adam_state = self.adam.init(params)
+            return self.opt.init(params, **kw)
+
+        def update(self, grads, state, params, **kw):
+            new, st = self.opt.update(grads, state, params, **kw)
+            ref, self.adam_state = self.adam.update(grads, self.adam_state, params)
+            rms = {k: float((params[k] - new[k]).pow(2).mean().sqrt() / ((params[k] - ref[k]).pow(2).mean().sqrt() + 1e-12))
+                   for k in params}
+            total = sum(float((params[k] - new[k]).pow(2).sum()) for k in params)
+            total_ref = sum(float((params[k] - ref[k]).pow(2).sum()) for k in params)
+            self.rows.append(((total / total_ref) ** 0.5, rms))
+            return new, st
+
+    rows: list = []
+    loop(StepRatio(scale_updates(lopt.bind(theta), scale), rows), cfg.gov.loop_steps)
+    for i, (r, per) in enumerate(rows):
+        print(f"step {i:2d}  all {r:6.3f}  " + "  ".join(f"{k} {v:.2f}" for k, v in per.items()))
+    print(f"mean over steps (all tensors): {sum(r for r, _ in rows) / len(rows):.3f}")
+    sys.exit(0)
 gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop, progress=False)
 ev = gov._loop_evidence(ProbeCandidate("c", lopt, theta, horizon=cfg.meta.horizon, outer_scale=scale), None)
 d = [a - b for a, b in zip(ev["by_candidate"], ev["by_incumbent"])]

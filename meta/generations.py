@@ -126,6 +126,8 @@ def outer_scale(cfg: RunConfig, lo: LOConfig) -> float:
 
 
 def lo_config_for(cfg: RunConfig, g: int) -> LOConfig:
+    """Generation ``g``'s architecture without a search: ``lo``, plus ``gen.successor_lo`` for successors
+    (with ``gen.search_candidates`` on, the base the successor search proposes around)."""
     if g == 0:
         return cfg.lo
     return LOConfig.from_dict({**cfg.lo.to_dict(), **cfg.gen.successor_overrides()})
@@ -499,6 +501,8 @@ class GenerationRunner:
         candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
                               train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
                               horizon=self.cfg.meta.horizon, outer_scale=outer_scale(self.cfg, lo))
+        # the loop check trains the plain successor architecture: with the search on, generation g + 1's
+        # own is not known until its search, which needs this verdict's incumbent
         loop = LoopTrainer(self.cfg, lo_config_for(self.cfg, g + 1), seed=self.cfg.meta.seed + 7919 * (g + 1))
         gov = Governor(self.cfg.gov, self.dist, self.cfg.meta.horizon, loop_trainer=loop, progress=self.progress,
                        cache=self.eval_cache)

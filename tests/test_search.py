@@ -255,7 +255,19 @@ def test_generations_with_search_record_the_proposals(tmp_path, monkeypatch):
     assert SELECTION not in {s for s, names in splits if "candidate" in names}
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Successor search" in report and "**winner**" in report
-    assert (gen_dir(cfg.out_dir, 1) / "search.json").is_file()
+    # a restart reuses the cached search; an edited cache is not trusted (searched again)
+    import meta.generations as G
+
+    runner = GenerationRunner(cfg, cfg.out_dir, progress=False, log=logs.append)
+    base = G.lo_config_for(cfg, 1)
+    again = []
+    monkeypatch.setattr(G, "search", lambda *a, **k: again.append(1))  # a new search would call this
+    assert runner.search_successor(1, base, None, None) == rec and not again
+    path = gen_dir(cfg.out_dir, 1) / "search.json"
+    cached = json.loads(path.read_text())
+    cached["record"]["winner_lo_config"]["hidden_width"] += 1
+    path.write_text(json.dumps(cached))
+    assert runner.search_successor(1, base, None, None) is None and again == [1]
     # an edited lineage entry (the winner said to come from the decision split) is refused
     path = lineage.entries_dir / "000001.json"
     bad = json.loads(path.read_text())

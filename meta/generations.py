@@ -7,9 +7,9 @@ checkpoint, never a finished generation):
    chosen among proposals inside the governor's bounds by successive halving on the *selection* split
    (:mod:`meta.search`; cached in the generation's ``search.json``, recorded in its lineage entry).
 1. **candidate**: a learned optimizer (``lo``, or ``lo`` + ``gen.successor_lo`` for successors, or the
-   search's winner) is meta-trained for the generation's budget by the *incumbent* (the latest adopted generation, bound
-   to its weights and wrapped by :func:`optimizers.transforms.scale_updates`; Adam before any
-   adoption). It starts from the incumbent's weights when the architecture allows and
+   search's winner) is meta-trained for the generation's budget by the *incumbent* (the latest adopted
+   generation, bound to its weights and wrapped by :func:`optimizers.transforms.scale_updates`; Adam
+   before any adoption). It starts from the incumbent's weights when the architecture allows and
    ``gen.start == "incumbent"``, else from a fresh seeded initialisation.
 2. **control**: the same successor meta-trained by Adam with the same budget, seeds and start, so the
    run measures whether the recursion pays. (No control when the incumbent *is* Adam: it would be the

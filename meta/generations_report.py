@@ -104,15 +104,16 @@ def search_section(rows: list[dict[str, Any]]) -> list[str]:
             out += ["", "## Successor search", "",
                     ("Selection score = mean over selection-split tasks (disjoint from the decision split) of "
                      "log(final train loss / tuned Adam's) after the rung's outer steps; lower is better.")]
-        out += ["", f"**gen {r['generation']}**: {len(s['proposals'])} proposal(s), meta-trained by {s.get('outer')} "
-                    f"on {s.get('selection_tasks')} selection task(s), {s.get('outer_steps_spent')} outer steps in all; "
-                    f"winner: proposal {s['winner']}", "",
+        out += ["", f"**gen {r['generation']}**: {len(s['proposals'])} proposal(s), meta-trained by "
+                    f"{s.get('outer')}, scored on {s.get('selection_tasks')} selection task(s), "
+                    f"{s.get('outer_steps_spent')} outer steps in all; winner: proposal {s['winner']}", "",
                 "| proposal | changes | weights | FLOPs/element | bounds | rungs (outer steps: score) | |",
                 "|---|---|---|---|---|---|---|"]
         for p in s["proposals"]:
             changes = ", ".join(f"{k}={v}" for k, v in p["changes"].items()) or "(the base)"
             rungs = "; ".join(f"{x['budget']}: " + (f"{x['score']:+.3f}" if x["score"] is not None else "non-finite")
-                              + (f" ({x['diverged']} diverged)" if x.get("diverged") else "") for x in p["rungs"]) or "-"
+                              + (f" ({x['diverged']} diverged)" if x.get("diverged") else "")
+                              for x in p["rungs"]) or "-"
             bounds = "in" if p["in_bounds"] else f"out: {p['reason']}"
             mark = "**winner**" if p["index"] == s["winner"] else ""
             out.append(f"| {p['index']} | {changes} | {p.get('num_theta', '-')} | {p.get('flops_per_element', '-')} | "

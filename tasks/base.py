@@ -6,9 +6,9 @@ vmapped. A :class:`TaskFamily` samples JSON-able configurations and builds tasks
 fully determines its task (including its seed), which is what lets a checkpoint name the tasks of a
 population and a resumed run rebuild them exactly.
 
-A :class:`TaskDistribution` mixes families and exposes three disjoint splits: ``meta_train`` (what
-meta-training sees), ``held_out`` (evaluation and, later, the governor's adoption decisions) and
-``test``. Disjointness holds by construction: the task seed of split ``s`` index ``i`` is
+A :class:`TaskDistribution` mixes families and exposes three disjoint splits (and a fourth, below):
+``meta_train`` (what meta-training sees), ``held_out`` (evaluation and, later, the governor's adoption
+decisions) and ``test``. Disjointness holds by construction: the task seed of split ``s`` index ``i`` is
 ``(base * 1_000_003 + i) * 3 + s``, so the seed's residue mod 3 names its split.
 
 A fourth split, ``selection`` (:data:`SELECTION`), serves choices made *before* the governor sees a

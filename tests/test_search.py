@@ -279,3 +279,19 @@ def test_generations_with_search_record_the_proposals(tmp_path, monkeypatch):
     (lineage.root / "HEAD.json").write_text(json.dumps({"count": 2, "hash": bad["hash"]}))
     with pytest.raises(LineageError, match="selection split"):
         lineage.verify(check_weights=False)
+
+
+def test_a_run_directory_from_before_the_search_continues_with_the_search_off(tmp_path):
+    from meta.generations import GenerationRunner
+    from tests.test_generations import _cfg
+
+    cfg = _cfg(tmp_path)
+    old = cfg.to_dict()
+    for key in ("search_candidates", "search_budget", "search_tasks"):
+        del old["gen"][key]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    GenerationRunner(cfg, cfg.out_dir, progress=False, log=lambda s: None).check_config()  # same run: accepted
+    on = replace(cfg, gen=replace(cfg.gen, search_candidates=2))
+    with pytest.raises(ConfigError, match="gen.search_candidates"):
+        GenerationRunner(on, on.out_dir, progress=False, log=lambda s: None).check_config()

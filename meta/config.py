@@ -189,9 +189,18 @@ class GenConfig:
     # diminishing returns: the run ends by itself after this many generations in a row without an
     # adoption (0: never); the report says so
     patience: int = 3
+    # ---- successor architecture search (meta/search.py; README "Successor architecture search") ----
+    # K proposals inside the governor's bounds, successive halving on the selection split; the winner is
+    # generation g's architecture (g >= 1) instead of successor_lo alone. 0: off (the fixed architecture)
+    search_candidates: int = 0
+    search_budget: int = 10  # outer steps of the first rung (each later rung doubles it)
+    search_tasks: int = 8  # selection-split tasks that score every rung
 
     def __post_init__(self) -> None:
         check_types(self, "gen")
+        if self.search_candidates < 0 or self.search_budget < 1 or self.search_tasks < 1:
+            raise ConfigError("gen.search_candidates must be >= 0 (0: off), gen.search_budget and "
+                              "gen.search_tasks >= 1")
         if self.max_generations < 1 or self.outer_steps < 1:
             raise ConfigError("gen.max_generations and gen.outer_steps must be >= 1")
         if self.start not in ("incumbent", "fresh"):

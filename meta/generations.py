@@ -3,10 +3,13 @@
 One generation, in order, each step resumable (a crash loses at most the outer steps since the last
 checkpoint, never a finished generation):
 
-1. **candidate**: a learned optimizer (``lo``, or ``lo`` + ``gen.successor_lo`` for successors) is
-   meta-trained for the generation's budget by the *incumbent* (the latest adopted generation, bound
-   to its weights and wrapped by :func:`optimizers.transforms.scale_updates`; Adam before any
-   adoption). It starts from the incumbent's weights when the architecture allows and
+0. **search** (successors only, when ``gen.search_candidates > 0``): the successor's architecture is
+   chosen among proposals inside the governor's bounds by successive halving on the *selection* split
+   (:mod:`meta.search`; cached in the generation's ``search.json``, recorded in its lineage entry).
+1. **candidate**: a learned optimizer (``lo``, or ``lo`` + ``gen.successor_lo`` for successors, or the
+   search's winner) is meta-trained for the generation's budget by the *incumbent* (the latest adopted
+   generation, bound to its weights and wrapped by :func:`optimizers.transforms.scale_updates`; Adam
+   before any adoption). It starts from the incumbent's weights when the architecture allows and
    ``gen.start == "incumbent"``, else from a fresh seeded initialisation.
 2. **control**: the same successor meta-trained by Adam with the same budget, seeds and start, so the
    run measures whether the recursion pays. (No control when the incumbent *is* Adam: it would be the
@@ -60,12 +63,13 @@ import torch
 
 from meta import distributed as D
 from meta import safety
-from meta.config import RunConfig
+from meta.config import GenConfig, RunConfig
 from meta.evaluate import TUNED_ADAM
 from meta.eval_cache import EvalCache
 from meta.governor import Candidate, Governor, Verdict
 from meta.lineage import (ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key,
                           weights_digest)
+from meta.search import BriefMetaTraining, SelectionScorer, search
 from meta.trainer import MetaTrainer, outer_update_scale
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer
@@ -122,6 +126,8 @@ def outer_scale(cfg: RunConfig, lo: LOConfig) -> float:
 
 
 def lo_config_for(cfg: RunConfig, g: int) -> LOConfig:
+    """Generation ``g``'s architecture without a search: ``lo``, plus ``gen.successor_lo`` for successors
+    (with ``gen.search_candidates`` on, the base the successor search proposes around)."""
     if g == 0:
         return cfg.lo
     return LOConfig.from_dict({**cfg.lo.to_dict(), **cfg.gen.successor_overrides()})
@@ -197,6 +203,8 @@ class GenerationRunner:
         if path.exists():
             old = json.loads(path.read_text())
             # bounds on the run's length may change between invocations; nothing else may
+            for key, value in _SEARCH_DEFAULTS.items():  # a run written before the search existed: off
+                old.setdefault("gen", {}).setdefault(key, value)
             for d in (old, mine):
                 for key in ("max_generations", "approval", "poll_seconds", "patience"):
                     d.get("gen", {}).pop(key, None)
@@ -407,20 +415,34 @@ class GenerationRunner:
                 logger.finish()
         return trainer if trainer.step >= cfg.meta.outer_steps else None
 
+    def _start(self, g: int, lo: LOConfig, incumbent: Candidate | None,
+               inc_gen: int | None) -> tuple[Params, int | None]:
+        """Generation ``g``'s starting weights for architecture ``lo`` and the generation they came from:
+        the incumbent's when ``gen.start`` is ``incumbent`` and the architecture is the same, else fresh."""
+        if self.cfg.gen.start == "incumbent" and incumbent is not None and incumbent.lopt.config == lo:
+            return incumbent.theta, inc_gen
+        return LearnedOptimizer(lo).init_theta(seeded("theta", self.cfg.meta.seed + g)), None
+
+    def _outer(self, incumbent: Candidate | None) -> Optimizer:
+        """The optimizer that meta-trains a successor: the incumbent, scaled (Adam before any adoption)."""
+        return Adam(lr=self.cfg.meta.outer_lr) if incumbent is None else \
+            scale_updates(incumbent.bind(), incumbent.outer_scale)
+
     def run_generation(self, g: int) -> bool:
         """Make generation ``g`` (resuming whatever part was done); False if stopped part-way."""
         t0 = time.time()
         inc_gen, incumbent, inc_path = self.incumbent()
         lo = lo_config_for(self.cfg, g)
-        lopt = LearnedOptimizer(lo)
-        if self.cfg.gen.start == "incumbent" and incumbent is not None and incumbent.lopt.config == lo:
-            start, parent = incumbent.theta, inc_gen
-        else:
-            start, parent = lopt.init_theta(seeded("theta", self.cfg.meta.seed + g)), None
+        searched = None
+        if self.cfg.gen.search_candidates and g > 0:
+            searched = self.search_successor(g, lo, incumbent, inc_gen)
+            if searched is None:
+                return False
+            lo = LOConfig.from_dict(searched["winner_lo_config"])
+        start, parent = self._start(g, lo, incumbent, inc_gen)
         trained_by = "adam" if incumbent is None else incumbent.name
         outer_path = "adam" if incumbent is None else str(inc_path)
-        outer = Adam(lr=self.cfg.meta.outer_lr) if incumbent is None else \
-            scale_updates(incumbent.bind(), incumbent.outer_scale)
+        outer = self._outer(incumbent)
 
         cand = self._meta_train(g, "candidate", lo, outer, trained_by, outer_path, start)
         if cand is None:
@@ -431,8 +453,39 @@ class GenerationRunner:
             if control is None:
                 return False
         verdict, ev = self.review(g, cand, control, incumbent)
-        self.record(g, cand, control, verdict, ev, parent=parent, trained_by=trained_by, seconds=time.time() - t0)
+        self.record(g, cand, control, verdict, ev, parent=parent, trained_by=trained_by, seconds=time.time() - t0,
+                    search=searched)
         return True
+
+    def search_successor(self, g: int, base: LOConfig, incumbent: Candidate | None,
+                         inc_gen: int | None) -> dict[str, Any] | None:
+        """Generation ``g``'s architecture by search (:mod:`meta.search`): its record, whose
+        ``winner_lo_config`` is the architecture; None if asked to stop part-way. The record is cached in
+        the generation's ``search.json`` (with a digest: an edited one is searched again), so a restart
+        after the search does not repeat it."""
+        c = self.cfg
+        path = gen_dir(self.run_dir, g) / "search.json"
+        data = D.run_on_main(_read_json, path)
+        if data is not None and data.get("base") == base.to_dict() and \
+                canonical_hash(data.get("record"), lineage_key()) == data.get("digest"):
+            return data["record"]
+        trained_by = "adam" if incumbent is None else incumbent.name
+        train = BriefMetaTraining(c, seed=c.meta.seed + g, outer=lambda: self._outer(incumbent),
+                                  start=lambda lo: self._start(g, lo, incumbent, inc_gen)[0])
+        scorer = SelectionScorer(self.dist, c.gov, c.meta.horizon, c.gen.search_tasks, progress=self.progress,
+                                 cache=self.eval_cache)
+        self.log(f"gen {g}: searching {c.gen.search_candidates} successor architectures (selection split, "
+                 f"{c.gen.search_tasks} tasks)")
+        result = search(base, c.gen.search_candidates, c.gen.search_budget, c.gov, seed=c.meta.seed, generation=g,
+                        train=train, scorer=scorer, should_stop=self.should_stop, outer=trained_by, log=self.log)
+        if result is None:
+            return None
+        assert result.record["split"] == "selection", "the governor's decision split must never choose"
+        record = D.broadcast_object(_jsonable(result.record))  # rank 0's (its timing)
+        self.log(f"gen {g}: search winner: proposal {record['winner']} {result.winner.changes or '(the base)'}")
+        D.run_on_main(ckpt.atomic_write_json, path, {"base": base.to_dict(), "record": record,
+                                                      "digest": canonical_hash(record, lineage_key())})
+        return record
 
     def review(self, g: int, cand: MetaTrainer, control: MetaTrainer | None,
                incumbent: Candidate | None) -> tuple[Verdict, dict]:
@@ -448,6 +501,8 @@ class GenerationRunner:
         candidate = Candidate(f"gen-{g}", cand.lopt, cand.theta,
                               train_task_indices=train_task_indices(cand, self.cfg.gov.train_tasks),
                               horizon=self.cfg.meta.horizon, outer_scale=outer_scale(self.cfg, lo))
+        # the loop check trains the plain successor architecture: with the search on, generation g + 1's
+        # own is not known until its search, which needs this verdict's incumbent
         loop = LoopTrainer(self.cfg, lo_config_for(self.cfg, g + 1), seed=self.cfg.meta.seed + 7919 * (g + 1))
         gov = Governor(self.cfg.gov, self.dist, self.cfg.meta.horizon, loop_trainer=loop, progress=self.progress,
                        cache=self.eval_cache)
@@ -470,13 +525,13 @@ class GenerationRunner:
         return verdict, ev
 
     def record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
-               parent: int | None, trained_by: str, seconds: float) -> dict:
+               parent: int | None, trained_by: str, seconds: float, search: dict | None = None) -> dict:
         """Write the weights and append the lineage entry (rank 0; every rank returns the entry)."""
         return D.run_on_main(self._record, g, cand, control, verdict, ev, parent=parent, trained_by=trained_by,
-                             seconds=seconds)
+                             seconds=seconds, search=search)
 
     def _record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
-                parent: int | None, trained_by: str, seconds: float) -> dict:
+                parent: int | None, trained_by: str, seconds: float, search: dict | None = None) -> dict:
         mode = self.cfg.gen.approval
         if verdict.decision == "reject":
             status = REJECTED
@@ -516,6 +571,8 @@ class GenerationRunner:
             "metrics": summary_metrics(ev),
             "seconds": seconds,
         }
+        if search is not None:  # absent when the search is off: such entries are as they always were
+            entry["search"] = search
         def allowed(now) -> dict[str, Any] | None:
             """Under the lineage lock: the goal still holds, and a run frozen meanwhile adopts nothing."""
             if now.goal_hash is not None and now.goal_hash != entry["goal_hash"]:
@@ -578,6 +635,10 @@ class GenerationRunner:
                 return True
             time.sleep(self.cfg.gen.poll_seconds)
         return False
+
+
+# gen settings of the search, as a run directory written before they existed means them (the search off)
+_SEARCH_DEFAULTS = {k: getattr(GenConfig(), k) for k in ("search_candidates", "search_budget", "search_tasks")}
 
 
 def _read_json(path: Path) -> Any:

@@ -39,6 +39,8 @@ def generation_rows(run_dir: str | Path) -> list[dict[str, Any]]:
             "outer_steps": rec["outer_steps"], "hash": rec["hash"][:12], "reasons": rec["verdict"]["reasons"],
             "incumbent_now": st.incumbent == g, "scores": {}, "vs_control": {}, "vs_predecessor": {},
         }
+        if rec.get("search") is not None:  # the architecture was chosen by search (meta/search.py)
+            row["search"] = rec["search"]
         for label, per in ev.get("held_out", {}).items():
             row["scores"][label] = {name: _mean_ci(d["scores"]) for name, d in per.items()}
             cand = per["candidate"]["scores"]
@@ -86,8 +88,37 @@ def markdown(rows: list[dict[str, Any]], run_dir: str | Path) -> str:
         lines.append(f"- **gen {r['generation']}** ({r['decision']} -> {r['status']}, {r['num_theta']} weights, "
                      f"{r['outer_steps']} outer steps, entry {r['hash']}):")
         lines += [f"  - {reason}" for reason in r["reasons"]]
+    lines += search_section(rows)
     lines += safety_section(run_dir)
     return "\n".join(lines) + "\n"
+
+
+def search_section(rows: list[dict[str, Any]]) -> list[str]:
+    """A table per searched generation: every proposal, its size, and its selection score at each rung."""
+    out: list[str] = []
+    for r in rows:
+        s = r.get("search")
+        if not s:
+            continue
+        if not out:
+            out += ["", "## Successor search", "",
+                    ("Selection score = mean over selection-split tasks (disjoint from the decision split) of "
+                     "log(final train loss / tuned Adam's) after the rung's outer steps; lower is better.")]
+        out += ["", f"**gen {r['generation']}**: {len(s['proposals'])} proposal(s), meta-trained by "
+                    f"{s.get('outer')}, scored on {s.get('selection_tasks')} selection task(s), "
+                    f"{s.get('outer_steps_spent')} outer steps in all; winner: proposal {s['winner']}", "",
+                "| proposal | changes | weights | FLOPs/element | bounds | rungs (outer steps: score) | |",
+                "|---|---|---|---|---|---|---|"]
+        for p in s["proposals"]:
+            changes = ", ".join(f"{k}={v}" for k, v in p["changes"].items()) or "(the base)"
+            rungs = "; ".join(f"{x['budget']}: " + (f"{x['score']:+.3f}" if x["score"] is not None else "non-finite")
+                              + (f" ({x['diverged']} diverged)" if x.get("diverged") else "")
+                              for x in p["rungs"]) or "-"
+            bounds = "in" if p["in_bounds"] else f"out: {p['reason']}"
+            mark = "**winner**" if p["index"] == s["winner"] else ""
+            out.append(f"| {p['index']} | {changes} | {p.get('num_theta', '-')} | {p.get('flops_per_element', '-')} | "
+                       f"{bounds} | {rungs} | {mark} |")
+    return out
 
 
 def safety_section(run_dir: str | Path) -> list[str]:

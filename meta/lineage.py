@@ -24,6 +24,11 @@ Entry kinds:
   distribution (digest) and governor settings, first recorded in generation 0's entry. Every later
   ``generation`` entry carries its ``goal_hash``, which must equal the goal in force.
 
+A ``generation`` entry whose architecture was chosen by search (:mod:`meta.search`) carries ``search``:
+every proposal, its budget per rung and its selection scores. The lineage refuses one that was not chosen
+on the ``selection`` split, or whose winner is not the entry's architecture or lies outside the bounds
+(:func:`search_record_problem`).
+
 Every entry carries ``index``, ``prev_hash`` (the previous entry's hash; zeros for the first) and
 ``hash`` = sha256 of the canonical JSON of everything else, so editing, deleting or reordering any
 entry breaks the chain at a point :meth:`Lineage.verify` names. Weights are verified against the
@@ -111,6 +116,25 @@ class LineageState:
 def goal_digest(goal: dict[str, Any]) -> str:
     """sha256 of a goal's canonical JSON (the goal itself, never keyed: it names content, not a signer)."""
     return canonical_hash(goal)
+
+
+def search_record_problem(search: Any, lo_config: Any) -> str | None:
+    """What is wrong with a generation entry's ``search`` record, or None. Why: the governor's evidence
+    (the ``held_out`` split) must never have chosen what it reviews, and the record must describe the
+    architecture the entry actually holds."""
+    if not isinstance(search, dict) or not isinstance(search.get("proposals"), list):
+        return "its search record lacks the list of proposals"
+    if search.get("split") != "selection":
+        return f"its architecture was chosen on the {search.get('split')!r} split, not the selection split"
+    by_index = {p.get("index"): p for p in search["proposals"] if isinstance(p, dict)}
+    winner = by_index.get(search.get("winner"))
+    if winner is None:
+        return f"its search winner {search.get('winner')!r} is not among the proposals"
+    if winner.get("lo_config") != lo_config or search.get("winner_lo_config") != lo_config:
+        return "its search winner is not the architecture the entry records"
+    if not winner.get("in_bounds") and any(p.get("in_bounds") for p in by_index.values()):
+        return "its search winner lies outside the governor's bounds"
+    return None
 
 
 def ceiling_held(record: dict[str, Any]) -> bool:
@@ -213,6 +237,10 @@ class Lineage:
                 raise LineageError(f"lineage entry {i}: generation {e.get('generation')} was reviewed under a "
                                    f"different goal (meta-objective, distribution, governor settings) than the "
                                    f"one in force, and no person recorded the change")
+            if "search" in e:
+                problem = search_record_problem(e["search"], e.get("lo_config"))
+                if problem:
+                    raise LineageError(f"lineage entry {i}: generation {e.get('generation')}: {problem}")
         elif kind == "approval" and e.get("decision") == "approve":
             if before.frozen:
                 raise LineageError(f"lineage entry {i}: generation {e.get('generation')} approved while the run "

@@ -6,10 +6,17 @@ vmapped. A :class:`TaskFamily` samples JSON-able configurations and builds tasks
 fully determines its task (including its seed), which is what lets a checkpoint name the tasks of a
 population and a resumed run rebuild them exactly.
 
-A :class:`TaskDistribution` mixes families and exposes three disjoint splits: ``meta_train`` (what
-meta-training sees), ``held_out`` (evaluation and, later, the governor's adoption decisions) and
-``test``. Disjointness holds by construction: the task seed of split ``s`` index ``i`` is
+A :class:`TaskDistribution` mixes families and exposes three disjoint splits (and a fourth, below):
+``meta_train`` (what meta-training sees), ``held_out`` (evaluation and, later, the governor's adoption
+decisions) and ``test``. Disjointness holds by construction: the task seed of split ``s`` index ``i`` is
 ``(base * 1_000_003 + i) * 3 + s``, so the seed's residue mod 3 names its split.
+
+A fourth split, ``selection`` (:data:`SELECTION`), serves choices made *before* the governor sees a
+candidate (successor architecture search, :mod:`meta.search`), so that the governor's evidence
+(``held_out``) is never what chose it. Its seeds count *down* from just below the distribution's block:
+index ``i`` has seed ``(base * 1_000_003 - 1 - i) * 3``, below every seed of the three splits above (all at
+least ``base * 3_000_009``), so it is disjoint from them for every index, and adding it left their seeds,
+and thus their tasks, exactly as they were.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from optimizers.tree import Params
 Batch = tuple[Tensor, ...]
 TaskConfig = dict[str, Any]
 SPLITS = ("meta_train", "held_out", "test")
+# chooses among candidates before review (meta/search.py); not in SPLITS, whose seeds it must not change
+SELECTION = "selection"
+ALL_SPLITS = SPLITS + (SELECTION,)
 
 
 class TaskConfigError(ValueError):
@@ -159,12 +169,24 @@ class TaskDistribution:
                 raise TaskConfigError(f"family weight must be positive, got {w} for {fam}")
 
     def task_seed(self, split: str, index: int) -> int:
-        if split not in SPLITS:
-            raise TaskConfigError(f"unknown split {split!r}; splits are {SPLITS}")
+        if split not in ALL_SPLITS:
+            raise TaskConfigError(f"unknown split {split!r}; splits are {ALL_SPLITS}")
+        if int(index) < 0:
+            raise TaskConfigError(f"task index must be >= 0, got {index}")
+        if split == SELECTION:  # below the block of the three splits (module docstring)
+            return (self.seed * 1_000_003 - 1 - int(index)) * 3
         return (self.seed * 1_000_003 + int(index)) * 3 + SPLITS.index(split)
 
     @staticmethod
     def split_of_seed(seed: int) -> str:
+        """The split of a ``meta_train`` / ``held_out`` / ``test`` seed (any base); see :meth:`split_of`
+        for a seed that may be a ``selection`` one."""
+        return SPLITS[seed % 3]
+
+    def split_of(self, seed: int) -> str:
+        """The split of one of this distribution's task seeds, ``selection`` included."""
+        if seed < self.seed * 3_000_009:
+            return SELECTION
         return SPLITS[seed % 3]
 
     def config(self, split: str, index: int) -> TaskConfig:

@@ -67,7 +67,9 @@ class HorizonResult:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> HorizonResult:
-        return cls(**{**d, "curve": list(d["curve"])})
+        out = cls(**d)  # a missing or unknown key is a TypeError here
+        out.curve = list(out.curve)
+        return out
 
     def blew_up(self, factor: float, ceiling: float | None) -> bool:
         """Diverged as the governor sees it (:func:`meta.safety.run_diverged`): flagged non-finite by the
@@ -172,6 +174,8 @@ class TaskResult:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> TaskResult:
         d = dict(d)
+        if "results" not in d or "grids" not in d:
+            raise TypeError(f"a task result needs 'results' and 'grids', got keys {sorted(d)}")
         results = {n: OptimizerResult.from_json(r) for n, r in d.pop("results").items()}
         grids = {g: GridRecord.from_json(r) for g, r in d.pop("grids").items()}
         return cls(**d, results=results, grids=grids)

@@ -103,6 +103,11 @@ def test_from_json_refuses_unknown_or_missing_keys(results):
     del bad["tasks"][0]["results"]["candidate"]["H"]["speedup"]
     with pytest.raises(TypeError):
         EvalResults.from_json(bad)
+    for key in ("curve", "grids"):
+        bad = json.loads(json.dumps(js))
+        del (bad["tasks"][1]["results"]["incumbent"]["H"] if key == "curve" else bad["tasks"][1])[key]
+        with pytest.raises(TypeError):
+            EvalResults.from_json(bad)
     bad = json.loads(json.dumps(js))
     bad["meta"]["typo"] = bad["meta"].pop("seed")
     with pytest.raises(TypeError):

@@ -461,7 +461,7 @@ def check_writable(directory: Path) -> None:
     probe.unlink()
 
 
-def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True) -> dict:
+def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True):
     import torch
 
     from meta import distributed as D
@@ -489,8 +489,8 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
                            horizon=horizon, long_horizon=horizon * cfg.eval.long_factor,
                            adam_lrs=cfg.eval.adam_lrs, sgdm_lrs=cfg.eval.sgdm_lrs, seed=cfg.eval.seed,
                            progress=progress)
-    results["checkpoint"] = str(path)
-    results["eval_seconds"] = time.time() - t0
+    results.checkpoint = str(path)
+    results.eval_seconds = time.time() - t0
     out = Path(cfg.out_dir) / "eval"
     if not D.is_main():  # every rank holds the same results; rank 0 alone writes them
         return results

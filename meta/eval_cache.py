@@ -20,7 +20,11 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from meta.eval_protocol import GridPart
+    from meta.results import OptimizerResult
 
 
 def task_key(dist_digest: str, split: str, task: Any, protocol: Mapping[str, Any]) -> str:
@@ -37,22 +41,23 @@ def optimizer_fingerprint(opt: Any) -> str | None:
 
 
 class EvalCache:
-    """In-memory store of per-task grid results (tuned baselines + Adam's reference envelope) and of
-    per-task, per-optimizer results, filled by :func:`meta.evaluate.evaluate`."""
+    """In-memory store of per-task grid results (tuned baselines + Adam's reference envelope, a
+    :class:`meta.eval_protocol.GridPart`) and of per-task, per-optimizer results
+    (:class:`meta.results.OptimizerResult`), filled by :func:`meta.evaluate.evaluate`."""
 
     def __init__(self) -> None:
-        self._grids: dict[str, dict] = {}
-        self._opts: dict[tuple[str, str], dict] = {}
+        self._grids: dict[str, GridPart] = {}
+        self._opts: dict[tuple[str, str], OptimizerResult] = {}
         self.hits = 0
         self.misses = 0
 
-    def grid(self, key: str) -> dict | None:
+    def grid(self, key: str) -> GridPart | None:
         return copy.deepcopy(self._grids.get(key))  # copies: a caller may edit its results
 
-    def result(self, key: str, fingerprint: str | None) -> dict | None:
+    def result(self, key: str, fingerprint: str | None) -> OptimizerResult | None:
         return None if fingerprint is None else copy.deepcopy(self._opts.get((key, fingerprint)))
 
-    def store(self, key: str, grid: dict | None, results: Mapping[str, dict],
+    def store(self, key: str, grid: GridPart | None, results: Mapping[str, OptimizerResult],
               fingerprints: Mapping[str, str | None]) -> None:
         """Keep one task record's parts: ``grid`` (baseline results, grid records, envelope) and every
         optimizer result whose optimizer has a fingerprint."""

@@ -24,7 +24,7 @@ normalised by ``task.normalizer``, i.e. clipped to ``[0, max_loss]``, divergence
 
     ratio = log((L_opt + f) / (L_tuned_adam + f)),   f = floor x tuned Adam's initial loss (floor = 1e-3)
 
-(the governor's score, :func:`meta.governor.task_scores`: differences below a thousandth of where
+(the governor's score, :meth:`meta.results.TaskResult.score`: differences below a thousandth of where
 training started are not told apart, so a task Adam drives to ~0 cannot dominate the mean).
 
 0 is "as good as tuned Adam", negative better (``exp(ratio)`` is the loss as a multiple of tuned
@@ -52,6 +52,7 @@ from typing import Any, Mapping, Sequence
 
 from meta import stats
 from meta.evaluate import DEFAULT_ADAM_LRS, TUNED_ADAM, evaluate, horizon_labels, write_outputs
+from meta.results import TaskResult
 from optimizers.base import Optimizer
 from tasks.base import TaskConfigError, TaskDistribution
 
@@ -217,24 +218,24 @@ def _ratio(x: float, ref: float, floor: float) -> float:
     return math.log((max(float(x), 0.0) + floor) / (max(float(ref), 0.0) + floor))
 
 
-def _slim(rec: dict, names: Sequence[str], label_map: Mapping[str, str], floor: float) -> dict:
+def _slim(rec: TaskResult, names: Sequence[str], label_map: Mapping[str, str], floor: float) -> dict:
     """Per-task record without curves; ``label_map``: evaluate's label -> suite label."""
     out: dict[str, dict] = {}
-    adam_h = rec["results"][TUNED_ADAM]["H"]
-    start = float(adam_h["curve"][0]) if adam_h.get("curve") else 1.0
+    adam_h = rec.results[TUNED_ADAM].horizons.get("H")
+    start = float(adam_h.curve[0]) if adam_h is not None and adam_h.curve else 1.0
     floor = floor * max(start, 1e-12)  # absolute floor of this task
     for name in [TUNED_ADAM, *names]:
         per = {}
         for src, dst in label_map.items():
-            r = rec["results"][name][src]
-            per[dst] = {"train_loss": r["train_loss"], "valid_loss": r["valid_loss"], "diverged": r["diverged"],
-                        "diverged_step": r["diverged_step"]}
+            r = rec.results[name][src]
+            per[dst] = {"train_loss": r.train_loss, "valid_loss": r.valid_loss, "diverged": r.diverged,
+                        "diverged_step": r.diverged_step}
             if name == TUNED_ADAM:
-                per[dst]["lr"] = r["lr"]
+                per[dst]["lr"] = r.lr
             else:
-                ref = rec["results"][TUNED_ADAM][src]
-                per[dst]["train_ratio"] = _ratio(r["train_loss"], ref["train_loss"], floor)
-                per[dst]["valid_ratio"] = _ratio(r["valid_loss"], ref["valid_loss"], floor)
+                ref = rec.results[TUNED_ADAM][src]
+                per[dst]["train_ratio"] = _ratio(r.train_loss, ref.train_loss, floor)
+                per[dst]["valid_ratio"] = _ratio(r.valid_loss, ref.valid_loss, floor)
                 per[dst]["floor"] = floor
         out[name] = per
     return out
@@ -323,16 +324,16 @@ def run_suite(
             res = evaluate(optimizers, view, split=split, num_tasks=n_all, horizon=h, long_horizon=long_h,
                            adam_lrs=adam_lrs, sgdm_lrs=None, seed=seed, progress=progress, curve_points=2,
                            workers=workers)
-        used_workers = res["meta"]["workers"]
+        used_workers = res.meta.workers
         call_meta.append({"horizon": h, "long_horizon": long_h, "labels": dict(label_map),
-                          "runtime_s": res["meta"]["runtime_s"]})
-        for i, rec in enumerate(res["tasks"]):
+                          "runtime_s": res.meta.runtime_s})
+        for i, rec in enumerate(res.tasks):
             slim = _slim(rec, names, label_map, floor)
             r = records[i]
             if not r:
-                r.update(index=i % tasks_per_group, seed=rec["seed"], config=rec["config"],
-                         max_loss=rec["max_loss"], run_seconds=0.0, results={n: {} for n in slim})
-            r["run_seconds"] += rec["run_seconds"]
+                r.update(index=i % tasks_per_group, seed=rec.seed, config=rec.config,
+                         max_loss=rec.max_loss, run_seconds=0.0, results={n: {} for n in slim})
+            r["run_seconds"] += rec.run_seconds
             for n, per in slim.items():
                 r["results"][n].update(per)
     runtime = time.perf_counter() - t0

@@ -332,16 +332,16 @@ class GenerationRunner:
                  f"{'gen-' + str(parent) if parent is not None else 'tuned Adam'} on test tasks "
                  f"{indices[0]}..{indices[-1]}")
         from meta.evaluate import evaluate
-        from meta.governor import TaskSubset, task_scores
+        from meta.governor import TaskSubset
 
         with torch.no_grad():
             res = evaluate(opts, TaskSubset(self.dist, indices), split="test", num_tasks=len(indices),
                            horizon=self.cfg.meta.horizon, long_horizon=self.cfg.meta.horizon, adam_lrs=c.adam_lrs,
                            sgdm_lrs=None, seed=c.seed, progress=self.progress)
-        inc_s = task_scores(res, "incumbent", "H")
-        par_s = task_scores(res, "parent", "H") if parent is not None else [0.0] * len(inc_s)
+        inc_s = res.task_scores("incumbent", "H")
+        par_s = res.task_scores("parent", "H") if parent is not None else [0.0] * len(inc_s)
         diffs = [b - a for a, b in zip(inc_s, par_s)]
-        diverged = len(safety.diverged_tasks(res, "incumbent", "H", c.diverge_factor))
+        diverged = len(res.diverged_tasks("incumbent", "H", c.diverge_factor))
         decision = safety.decide_sustain(diffs, safety.pooled_diffs(entries, inc, parent), diverged, c)
         rollback = not decision["passed"] and c.sustain_rollback
         entry = {"generation": g, "incumbent": inc, "parent": parent, "split": "test", "task_indices": indices,

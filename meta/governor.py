@@ -61,6 +61,7 @@ from meta import stats
 from meta.config import GovernorConfig
 from meta.eval_cache import EvalCache
 from meta.evaluate import TUNED_ADAM, evaluate
+from meta.results import EvalResults
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
 from optimizers.learned import LearnedOptimizer
@@ -114,24 +115,10 @@ class TaskSubset:
 
 
 # ---- scores -------------------------------------------------------------------------------------
-def task_scores(results: dict, name: str, label: str) -> list[float]:
-    """Per-task normalised loss ``log((L + f) / (A + f))`` of ``name`` at horizon ``label``."""
-    out = []
-    for r in results["tasks"]:
-        adam = r["results"][TUNED_ADAM]
-        floor = 1e-3 * max(float(adam["H"]["curve"][0]) if adam.get("H", {}).get("curve") else 1.0, 1e-12)
-        a = float(adam[label]["train_loss"])
-        x = float(r["results"][name][label]["train_loss"])
-        out.append(math.log((x + floor) / (a + floor)))
-    return out
-
-
-def speedups(results: dict, name: str, label: str) -> list[float]:
-    return [float(r["results"][name][label]["speedup"]) for r in results["tasks"]]
-
-
-def divergences(results: dict, name: str, label: str) -> int:
-    return sum(bool(r["results"][name][label]["diverged"]) for r in results["tasks"])
+def task_scores(results: EvalResults, name: str, label: str) -> list[float]:
+    """Per-task normalised loss ``log((L + f) / (A + f))`` of ``name`` at horizon ``label``
+    (:meth:`meta.results.EvalResults.task_scores`)."""
+    return results.task_scores(name, label)
 
 
 def _check(passed: bool, value: Any, bound: Any, reason: str, **extra: Any) -> dict:
@@ -206,7 +193,7 @@ class Governor:
                             long_horizon=self.horizon * c.long_factor, adam_lrs=c.adam_lrs, sgdm_lrs=None,
                             seed=c.seed, progress=self.progress, cache=self.cache)
             ev["held_out"] = self._scores(held, list(opts))
-            ev["held_out_results"] = held
+            ev["held_out_results"] = held.to_json()
             train_idx = list(dict.fromkeys(int(i) for i in candidate.train_task_indices))[: c.train_tasks]
             if train_idx:
                 train = evaluate({"candidate": opts["candidate"]}, TaskSubset(self.dist, train_idx),
@@ -218,22 +205,20 @@ class Governor:
             ev["loop"] = self._loop_evidence(candidate, incumbent)
         return ev
 
-    def _scores(self, results: dict, names: list[str]) -> dict[str, Any]:
+    def _scores(self, results: EvalResults, names: list[str]) -> dict[str, Any]:
         """Per horizon and optimizer: scores, speed-ups and divergences, where a run counts as diverged
-        also when its loss blew up while staying finite (:func:`meta.safety.run_diverged`);
+        also when its loss blew up while staying finite (:meth:`meta.results.HorizonResult.blew_up`);
         ``nonfinite`` keeps the evaluation's own count (non-finite minibatch losses only)."""
-        from meta.safety import diverged_tasks
-
         out: dict[str, Any] = {}
         f = self.cfg.diverge_factor
-        for label in results["meta"]["horizons"]:
+        for label in results.labels:
             out[label] = {}
             for n in [*names, TUNED_ADAM]:
-                bad = diverged_tasks(results, n, label, f)
-                out[label][n] = {"scores": task_scores(results, n, label) if n != TUNED_ADAM else
-                                 [0.0] * len(results["tasks"]), "speedups": speedups(results, n, label),
+                bad = results.diverged_tasks(n, label, f)
+                out[label][n] = {"scores": results.task_scores(n, label) if n != TUNED_ADAM else
+                                 [0.0] * len(results.tasks), "speedups": results.speedups(n, label),
                                  "diverged": len(bad), "diverged_tasks": bad,
-                                 "nonfinite": divergences(results, n, label)}
+                                 "nonfinite": results.divergences(n, label)}
         return out
 
     def _bounds_evidence(self, candidate: Candidate) -> dict[str, Any]:
@@ -269,8 +254,8 @@ class Governor:
                            self.dist, split="held_out", num_tasks=c.loop_tasks, horizon=self.horizon,
                            long_horizon=self.horizon, adam_lrs=c.adam_lrs, sgdm_lrs=None, seed=c.seed + 1,
                            progress=self.progress, cache=self.cache)
-        return {"by_candidate": task_scores(res, "by_candidate", "H"),
-                "by_incumbent": task_scores(res, "by_incumbent", "H"),
+        return {"by_candidate": res.task_scores("by_candidate", "H"),
+                "by_incumbent": res.task_scores("by_incumbent", "H"),
                 "finite": all(bool(torch.isfinite(v).all()) for v in cand_theta.values())}
 
     # ---- decision (pure) ----------------------------------------------------------------------

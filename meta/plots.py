@@ -6,9 +6,10 @@ import os
 from pathlib import Path
 
 from meta import stats
+from meta.results import EvalResults
 
 
-def plot_curves(results: dict, path: str | os.PathLike) -> Path:
+def plot_curves(results: EvalResults, path: str | os.PathLike) -> Path:
     """PNG of the mean full-train-loss curves over tasks (log-x), one panel per horizon.
 
     Each panel shows every optimizer's mean (over tasks) normalised full-train loss at the recorded
@@ -20,17 +21,17 @@ def plot_curves(results: dict, path: str | os.PathLike) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    meta = results["meta"]
-    horizons = meta["horizons"]
-    steps_all = meta["curve_steps"]
+    meta = results.meta
+    horizons = meta.horizons
+    steps_all = meta.curve_steps
     fig = Figure(figsize=(6 * len(horizons), 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(horizons), squeeze=False)
     for ax, (label, T) in zip(axes[0], horizons.items()):
         steps = [s for s in steps_all if s <= T]
         xs = [s + 1 for s in steps]  # log-x: step s drawn at s + 1
-        for name in results["optimizers"]:
-            curves = [r["results"][name][label]["curve"] for r in results["tasks"]]
+        for name in results.optimizers:
+            curves = [r.curve for r in results.runs(name, label)]
             means, los, his = [], [], []
             for k in range(len(steps)):
                 column = [c[k] for c in curves]
@@ -44,7 +45,7 @@ def plot_curves(results: dict, path: str | os.PathLike) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("step + 1")
         ax.set_ylabel("full-train loss (normalised): mean, IQR band")
-        ax.set_title(f"{meta['distribution']} / {meta['split']}: {label} = {T} steps")
+        ax.set_title(f"{meta.distribution} / {meta.split}: {label} = {T} steps")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

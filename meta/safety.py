@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from meta.lineage import ADOPTED, PENDING, Lineage, LineageError, LineageState, goal_digest
+from meta.results import EvalResults, TaskResult
 
 FROZEN_STATUS = 5  # exit status of a frozen run (emergency stop, or started while frozen)
 ALERTS = "alerts.jsonl"
@@ -51,30 +52,15 @@ class GoalError(LineageError):
 
 
 # ---- divergence ---------------------------------------------------------------------------------
-def run_diverged(task: dict, name: str, label: str, factor: float) -> bool:
-    """Did ``name``'s run on this per-task record (:func:`meta.evaluate.evaluate`) diverge by ``label``?"""
-    r = task["results"][name][label]
-    if r.get("diverged"):
-        return True
-    curve = [float(x) for x in (r.get("curve") or [])]
-    losses = curve[1:] + [float(r["train_loss"])]  # every evaluated step after the start, and the end
-    if any(not math.isfinite(x) for x in losses):
-        return True
-    init = curve[0] if curve else None
-    if init is not None and math.isfinite(init) and any(x > factor * init for x in losses):
-        return True
-    ceiling = task.get("max_loss")
-    if ceiling is not None:
-        at = float(ceiling) * (1.0 - 1e-6)
-        if init is not None and init < at:
-            return any(x >= at for x in losses)  # rose to the ceiling at some step
-        return float(r["train_loss"]) >= at  # started there (or unknown start) and never left it
-    return False
+def run_diverged(task: TaskResult, name: str, label: str, factor: float) -> bool:
+    """Did ``name``'s run on this task (:func:`meta.evaluate.evaluate`) diverge by ``label``? The rule is
+    :meth:`meta.results.HorizonResult.blew_up`, against the task's loss ceiling."""
+    return task.run_diverged(name, label, factor)
 
 
-def diverged_tasks(results: dict, name: str, label: str, factor: float) -> list[int]:
-    """Positions (in ``results["tasks"]``) of the tasks on which ``name`` diverged by ``label``."""
-    return [i for i, t in enumerate(results["tasks"]) if run_diverged(t, name, label, factor)]
+def diverged_tasks(results: EvalResults, name: str, label: str, factor: float) -> list[int]:
+    """Positions (in ``results.tasks``) of the tasks on which ``name`` diverged by ``label``."""
+    return results.diverged_tasks(name, label, factor)
 
 
 # ---- goal -----------------------------------------------------------------------------------------

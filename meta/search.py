@@ -231,7 +231,7 @@ class SelectionScorer:
             res = evaluate(opts, self.dist, split=self.split, num_tasks=self.num_tasks, horizon=self.horizon,
                            long_horizon=self.horizon, adam_lrs=self.gov.adam_lrs, sgdm_lrs=None, seed=self.gov.seed,
                            progress=self.progress, cache=self.cache)
-        assert res["meta"]["split"] == SELECTION
+        assert res.meta.split == SELECTION
         out = {}
         for i in trained:
             s = task_scores(res, f"proposal-{i}", "H")

@@ -74,7 +74,7 @@ def compute(out_dir: str) -> dict:
     with torch.no_grad():
         ev = evaluate({"learned": lopt.bind(theta)}, get_distribution("quadratics"), num_tasks=3, horizon=4,
                       long_horizon=8, adam_lrs=(1e-2, 1e-1), sgdm_lrs=(1e-2,), progress=False, workers=1)
-    res["evaluate"] = ev
+    res["evaluate"] = ev.to_json()
     return res
 
 

@@ -139,14 +139,14 @@ def test_designs_meta_gradient_matches_finite_differences(design):
 
 def test_evaluate_runs_horizon_aware_optimizers_once_per_horizon():
     """At each horizon the result is that of a run whose T is that horizon."""
-    from meta.evaluate import _run_task
+    from meta.eval_protocol import run_task
     from torch.func import grad_and_value
 
     lopt = LearnedOptimizer(LOConfig(hidden_width=8))
     opt = lopt.bind(lopt.init_theta(0))
     dist = get_distribution("digits_mlp")
     task = dist.task("held_out", 0)
-    rec = _run_task(task, {"lo": opt}, {"adam": [1e-3]}, {"H": 4, "3H": 12}, [0, 4, 12], seed=0, ema=0.9)
+    rec, _ = run_task(task, {"lo": opt}, {"adam": [1e-3]}, {"H": 4, "3H": 12}, [0, 4, 12], seed=0, ema=0.9)
     for label, T in (("H", 4), ("3H", 12)):
         gen = seeded("evaluate", 0, task.seed)
         run = opt.with_total_steps(T)
@@ -158,7 +158,7 @@ def test_evaluate_runs_horizon_aware_optimizers_once_per_horizon():
             p, s = run.update(g, s, p)
         with torch.no_grad():
             want = float(task.normalizer(task.loss(p, task.full_batch("train"))))
-        assert rec["results"]["lo"][label]["train_loss"] == pytest.approx(want, rel=1e-5)
+        assert rec["lo"][label].train_loss == pytest.approx(want, rel=1e-5)
 
 
 # ---- augmentation ---------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import torch
 
 
 from meta import stats  # noqa: E402
-from meta.evaluate import (DEFAULT_ADAM_LRS, DEFAULT_SGDM_LRS, TUNED_ADAM, TUNED_SGDM, curve_steps,  # noqa: E402
-                           evaluate, lr_grid, write_report)
+from meta.evaluate import (DEFAULT_ADAM_LRS, DEFAULT_SGDM_LRS, TUNED_ADAM, TUNED_SGDM, EvalResults,  # noqa: E402
+                           curve_steps, evaluate, lr_grid, write_report)
 from optimizers import SGD, Adam  # noqa: E402
 from tasks import get_distribution  # noqa: E402
 
@@ -63,7 +63,10 @@ def test_default_grids():
 
 
 def test_structure(results):
+    """The layout of ``results.json`` (the JSON of the typed results)."""
+    typed, results = results, results.to_json()
     json.dumps(results, allow_nan=False)  # strict JSON
+    assert EvalResults.from_json(results) == typed
     meta = results["meta"]
     assert meta["horizons"] == {"H": H, "4H": LONG}
     assert meta["num_tasks"] == 3 and meta["task_indices"] == [0, 1, 2]
@@ -118,64 +121,67 @@ def test_bad_arguments_fail_before_any_work():
 
 def test_vmapped_grid_matches_separate_runs(results):
     """Each lane of the vmapped Adam grid equals a separate Adam run at that learning rate."""
-    for rec in results["tasks"]:
-        for label in results["meta"]["horizons"]:
-            lane = rec["grids"]["adam"]["train_loss"][label]
-            sep = [rec["results"][single_name(lr)][label]["train_loss"] for lr in GRID]
+    for rec in results.tasks:
+        for label in results.labels:
+            lane = rec.grids["adam"].train_loss[label]
+            sep = [rec[single_name(lr)][label].train_loss for lr in GRID]
             assert lane == pytest.approx(sep, rel=1e-4, abs=1e-5)
-            lane_v = rec["grids"]["adam"]["valid_loss"][label]
-            sep_v = [rec["results"][single_name(lr)][label]["valid_loss"] for lr in GRID]
+            lane_v = rec.grids["adam"].valid_loss[label]
+            sep_v = [rec[single_name(lr)][label].valid_loss for lr in GRID]
             assert lane_v == pytest.approx(sep_v, rel=1e-4, abs=1e-5)
     # the learning rates really differ in effect (a wiring bug could make all lanes identical)
-    rec = results["tasks"][0]
-    assert len({round(x, 4) for x in rec["grids"]["adam"]["train_loss"]["4H"]}) == len(GRID)
+    rec = results.tasks[0]
+    assert len({round(x, 4) for x in rec.grids["adam"].train_loss["4H"]}) == len(GRID)
 
 
 def test_adam_at_best_grid_lr_matches_tuned_adam(results):
     """Adam at the per-task best grid lr: paired difference ~0 and the same speed-up as tuned Adam (~1)."""
-    for label in results["meta"]["horizons"]:
+    for label in results.labels:
         same, tuned, sp_same, sp_tuned = [], [], [], []
-        for rec in results["tasks"]:
-            lr = rec["grids"]["adam"]["chosen_lr"][label]
-            e = rec["results"][single_name(lr)][label]
-            t = rec["results"][TUNED_ADAM][label]
-            same.append(e["train_loss"])
-            tuned.append(t["train_loss"])
-            sp_same.append(e["speedup"])
-            sp_tuned.append(t["speedup"])
+        for rec in results.tasks:
+            lr = rec.grids["adam"].chosen_lr[label]
+            e = rec[single_name(lr)][label]
+            t = rec[TUNED_ADAM][label]
+            same.append(e.train_loss)
+            tuned.append(t.train_loss)
+            sp_same.append(e.speedup)
+            sp_tuned.append(t.speedup)
         diff = stats.paired_diff_ci(same, tuned)
         assert abs(diff["mean"]) < 1e-4 and abs(diff["lo"]) < 1e-3 and abs(diff["hi"]) < 1e-3
         assert not stats.excludes_zero({"lo": diff["lo"] - 1e-9, "hi": diff["hi"] + 1e-9})
         assert sp_same == pytest.approx(sp_tuned, abs=0.15)
         for s in sp_tuned:
             assert 0.5 <= s <= 1.0 + 1e-9  # tuned Adam's own curve is bounded by its envelope
-        assert results["summary"][label][TUNED_ADAM]["speedup"]["mean"] == pytest.approx(1.0, abs=0.3)
+        assert results.summary[label][TUNED_ADAM].speedup["mean"] == pytest.approx(1.0, abs=0.3)
 
 
 def test_bad_optimizer_is_significantly_worse(results):
-    for label in results["meta"]["horizons"]:
-        e = results["summary"][label]["sgd_lr0"]
-        d = e["diff_vs_tuned_adam"]["train_loss"]
+    for label in results.labels:
+        e = results.summary[label]["sgd_lr0"]
+        d = e.diff_vs_tuned_adam["train_loss"]
         assert d["mean"] > 0 and d["lo"] > 0 and d["excludes_zero"]
-        assert e["speedup"]["mean"] < 0.5
+        assert e.speedup["mean"] < 0.5
     # lr = 0: the training loss stays at the initial loss (curve is flat)
-    for rec in results["tasks"]:
-        curve = rec["results"]["sgd_lr0"]["4H"]["curve"]
+    for rec in results.tasks:
+        curve = rec["sgd_lr0"]["4H"].curve
         assert max(curve) - min(curve) < 1e-6
 
 
 def test_nonfinite_runs_are_stopped_and_counted(results):
-    for rec in results["tasks"]:
-        for label, T in results["meta"]["horizons"].items():
-            e = rec["results"]["nan_opt"][label]
-            assert e["diverged"] and e["diverged_step"] == NAN_AFTER
-            assert e["train_loss"] == rec["max_loss"] and e["valid_loss"] == rec["max_loss"]
-            steps = results["meta"]["curve_steps"]
-            for s, v in zip(steps, e["curve"]):
-                assert (v == rec["max_loss"]) == (s >= NAN_AFTER)
-    for label in results["meta"]["horizons"]:
-        assert results["summary"][label]["nan_opt"]["diverged"] == 3
-    assert any(w.startswith("nan_opt diverged on 3/3") for w in results["warnings"])
+    for rec in results.tasks:
+        for label, T in results.meta.horizons.items():
+            e = rec["nan_opt"][label]
+            assert e.diverged and e.diverged_step == NAN_AFTER
+            assert e.train_loss == rec.max_loss and e.valid_loss == rec.max_loss
+            steps = results.meta.curve_steps
+            for s, v in zip(steps, e.curve):
+                assert (v == rec.max_loss) == (s >= NAN_AFTER)
+        assert rec.run_diverged("nan_opt", "H", 2.0)  # the governor's rule counts it too
+    for label in results.labels:
+        assert results.summary[label]["nan_opt"].diverged == 3
+        assert results.divergences("nan_opt", label) == 3
+        assert results.diverged_tasks("nan_opt", label, 2.0) == [0, 1, 2]
+    assert any(w.startswith("nan_opt diverged on 3/3") for w in results.warnings)
 
 
 def test_parallel_matches_serial():
@@ -184,19 +190,19 @@ def test_parallel_matches_serial():
               progress=False, start=3)
     serial = evaluate({"adam": Adam(lr=3e-3)}, dist, workers=1, **kw)
     parallel = evaluate({"adam": Adam(lr=3e-3)}, dist, workers=2, **kw)
-    assert parallel["meta"]["workers"] == 2
-    assert [r["split_index"] for r in parallel["tasks"]] == [3, 4]
-    for a, b in zip(serial["tasks"], parallel["tasks"]):
-        assert a["results"] == b["results"]
+    assert parallel.meta.workers == 2
+    assert [r.split_index for r in parallel.tasks] == [3, 4]
+    for a, b in zip(serial.tasks, parallel.tasks):
+        assert a.results == b.results
 
 
 def test_write_report(results, tmp_path):
     paths = write_report(results, tmp_path / "report")
-    assert json.loads(paths["json"].read_text())["summary"] == json.loads(json.dumps(results["summary"]))
+    assert json.loads(paths["json"].read_text()) == json.loads(json.dumps(results.to_json()))
     md = paths["md"].read_text()
     assert "| optimizer | horizon | train loss | valid loss | speed-up vs tuned Adam |" in md
     assert "Paired difference vs tuned Adam" in md
-    for name in results["optimizers"]:
+    for name in results.optimizers:
         assert f"| {name} | H={H} |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -251,7 +257,7 @@ def test_interval_coverage_on_normal_samples():
 
 # ---- cache ----------------------------------------------------------------------------------------
 def _strip_times(res: dict) -> list:
-    return [{k: v for k, v in rec.items() if k != "run_seconds"} for rec in res["tasks"]]
+    return [{k: v for k, v in rec.to_json().items() if k != "run_seconds"} for rec in res.tasks]
 
 
 def test_cache_reuses_identical_results_and_never_a_changed_optimizer():
@@ -274,9 +280,9 @@ def test_cache_reuses_identical_results_and_never_a_changed_optimizer():
     assert cache.hits == 2
     plain = evaluate(both, dist, **kw)
     assert _strip_times(cached) == _strip_times(plain)
-    assert cached["summary"] == plain["summary"]
+    assert cached.summary == plain.summary
     # the candidate (other weights) was really run: its results differ from the incumbent's
-    assert cached["tasks"][0]["results"]["candidate"] != cached["tasks"][0]["results"]["incumbent"]
+    assert cached.tasks[0]["candidate"] != cached.tasks[0]["incumbent"]
     assert lopt.bind(a).fingerprint() == lopt.bind(a.copy()).fingerprint() != lopt.bind(b).fingerprint()
     assert lopt.bind(a).fingerprint() != lopt.bind(a, total_steps=8).fingerprint()
     # a different protocol (seed) is a different key: nothing reused

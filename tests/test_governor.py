@@ -2,7 +2,7 @@
 fails closed when its review raises."""
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ import torch
 from meta.config import GovernorConfig, RunConfig, apply_overrides
 from meta.generations import LoopTrainer
 from meta.governor import Candidate, Governor, TaskSubset, task_scores
+from meta.results import EvalMeta, EvalResults, HorizonResult, OptimizerResult, TaskResult
 from optimizers.learned import LearnedOptimizer, LOConfig
 from tasks import get_distribution
 
@@ -137,7 +138,14 @@ def test_task_subset_maps_indices(dist):
 
 
 def test_scores_are_relative_to_tuned_adam():
-    rec = {"results": {"tuned_adam": {"H": {"train_loss": 0.1, "curve": [2.0]}},
-                       "x": {"H": {"train_loss": 0.1 * math.e}}}}
-    (s,) = task_scores({"tasks": [rec]}, "x", "H")
+    def run(loss, curve):
+        return HorizonResult(train_loss=loss, valid_loss=loss, smoothed_loss=loss, speedup=1.0,
+                             speedup_censored=False, diverged=False, diverged_step=None, curve=curve)
+
+    rec = TaskResult(split_index=0, seed=0, config={}, max_loss=10.0, run_seconds=0.0, grids={},
+                     results={"tuned_adam": OptimizerResult({"H": run(0.1, [2.0])}),
+                              "x": OptimizerResult({"H": run(0.1 * math.e, [])})})
+    s = rec.score("x", "H")
     assert s == pytest.approx(math.log((0.1 * math.e + 2e-3) / (0.1 + 2e-3)))
+    meta = EvalMeta(**{**{f.name: None for f in fields(EvalMeta)}, "horizons": {"H": 1}})
+    assert task_scores(EvalResults(meta, ["tuned_adam", "x"], [rec]), "x", "H") == [s]

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 import types
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from meta.config import GenConfig, GovernorConfig, RunConfig
 from meta.generations import GenerationRunner
 from meta.governor import Governor, Verdict
 from meta.lineage import ADOPTED, PENDING, REJECTED, Lineage, LineageError, goal_digest
+from meta.results import EvalMeta, EvalResults, HorizonResult, OptimizerResult, TaskResult
 from optimizers.learned import ConfigError
 from train import main, presets
 
@@ -82,15 +83,26 @@ def test_safety_settings_round_trip_json_and_bad_values_are_errors():
 
 
 # ---- divergence the governor can see ----------------------------------------------------------------
-def _task(i, cand_curve, cand_final, *, max_loss=3.45, adam_final=0.01, nonfinite=False):
-    def rec(curve, final, div=False):
-        return {"train_loss": final, "curve": curve, "diverged": div, "speedup": 1.0}
+def _run(curve, final, div=False):
+    return HorizonResult(train_loss=final, valid_loss=final, smoothed_loss=final, speedup=1.0, speedup_censored=False,
+                         diverged=div, diverged_step=None, curve=list(curve))
 
+
+def _record(i, max_loss, **per_name):
+    return TaskResult(split_index=i, seed=i, config={}, max_loss=max_loss, run_seconds=0.0,
+                      results={n: OptimizerResult(h) for n, h in per_name.items()}, grids={})
+
+
+def _task(i, cand_curve, cand_final, *, max_loss=3.45, adam_final=0.01, nonfinite=False):
     adam_curve = [2.3, 1.0, adam_final]
-    return {"split_index": i, "max_loss": max_loss,
-            "results": {"tuned_adam": {"H": rec(adam_curve, adam_final), "10H": rec(adam_curve, adam_final / 2)},
-                        "candidate": {"H": rec(cand_curve[:2], cand_final[0]),
-                                      "10H": rec(cand_curve, cand_final[1], nonfinite)}}}
+    return _record(i, max_loss, tuned_adam={"H": _run(adam_curve, adam_final), "10H": _run(adam_curve, adam_final / 2)},
+                   candidate={"H": _run(cand_curve[:2], cand_final[0]), "10H": _run(cand_curve, cand_final[1], nonfinite)})
+
+
+def _results(tasks, horizons):
+    """Planted evaluation results: only the horizons and the tasks are read by the governor's scores."""
+    meta = EvalMeta(**{**{f.name: None for f in fields(EvalMeta)}, "horizons": horizons})
+    return EvalResults(meta=meta, optimizers=["tuned_adam", "candidate"], tasks=list(tasks))
 
 
 def test_a_finite_blow_up_counts_as_diverged_and_rejects():
@@ -98,8 +110,8 @@ def test_a_finite_blow_up_counts_as_diverged_and_rejects():
     then sits at the loss ceiling -- finite, so the evaluation says 'not diverged'."""
     good = [_task(i, [2.3, 0.5, 0.004], (0.006, 0.004)) for i in range(5)]
     blow = _task(5, [2.3, 0.5, 0.004, 3.45, 3.45], (0.006, 3.45))
-    results = {"meta": {"horizons": {"H": 10, "10H": 100}}, "tasks": [*good, blow]}
-    assert all(not r["results"]["candidate"]["10H"]["diverged"] for r in results["tasks"])  # evaluate's view
+    results = _results([*good, blow], {"H": 10, "10H": 100})
+    assert all(not r["candidate"]["10H"].diverged for r in results.tasks)  # evaluate's view
     gov = Governor(replace(GovernorConfig(num_tasks=6, bootstrap=500), **{**LAX, "long_tolerance": 100.0}),
                    None, 10)
     held = gov._scores(results, ["candidate"])
@@ -114,7 +126,7 @@ def test_a_finite_blow_up_counts_as_diverged_and_rejects():
     assert v.decision == "reject" and not v.checks["divergence"]["passed"]  # ...rejected whatever the mean
     assert "1 at held_out/10H" in v.checks["divergence"]["reason"]
     # the same evidence without the blown-up task is adopted: the check is what rejects
-    ok = gov.decide({**ev, "held_out": gov._scores({**results, "tasks": good}, ["candidate"])})
+    ok = gov.decide({**ev, "held_out": gov._scores(_results(good, {"H": 10, "10H": 100}), ["candidate"])})
     assert ok.decision == "adopt", ok.reasons
 
 
@@ -127,8 +139,9 @@ def test_a_finite_blow_up_counts_as_diverged_and_rejects():
     ([2.3, float("nan"), 0.1], 0.1, 3.45, True),  # non-finite
 ])
 def test_divergence_rule(curve, final, max_loss, diverged):
-    rec = {"max_loss": max_loss, "results": {"x": {"H": {"curve": curve, "train_loss": final, "diverged": False}}}}
+    rec = _record(0, max_loss, x={"H": _run(curve, final)})
     assert safety.run_diverged(rec, "x", "H", 2.0) is diverged
+    assert rec.run_diverged("x", "H", 2.0) is diverged
 
 
 class _BlowUp:
@@ -155,7 +168,7 @@ def test_a_real_late_blow_up_is_seen_by_the_governor_not_by_the_evaluation():
 
     res = evaluate({"candidate": _BlowUp(after=15)}, get_distribution("digits_mlp"), split="held_out", num_tasks=2,
                    horizon=10, long_horizon=40, adam_lrs=(1e-2,), sgdm_lrs=None, seed=0, progress=False, workers=1)
-    assert all(not t["results"]["candidate"]["4H"]["diverged"] for t in res["tasks"])  # losses stayed finite
+    assert all(not t["candidate"]["4H"].diverged for t in res.tasks)  # losses stayed finite
     gov = Governor(GovernorConfig(num_tasks=3), None, 10)
     held = gov._scores(res, ["candidate"])
     assert held["H"]["candidate"]["diverged"] == 0  # fine before the blow-up

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,41 +73,17 @@ def presets() -> dict[str, Any]:
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
-def _parse_value(text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-    if isinstance(default, tuple):
-        items = [t for t in text.split(",") if t.strip()]
-        kind = type(default[0]) if default else str
-        return tuple(kind(t.strip()) for t in items)
-    return type(default)(text)
-
-
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the dataclasses' annotations (meta.config_cli): a field
+    added to a section appears here with its type, choices and comment, and no edit of this file."""
     from meta.config import SECTIONS, RunConfig
+    from meta.config_cli import add_dataclass_flags
 
     base = presets()["default"]  # what a bare run uses (other presets: 'train.py presets')
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings ({cls.__name__})")
-        obj = getattr(base, section)
-        for f in fields(cls):
-            default = getattr(obj, f.name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
-                               default=None, help=f"(default preset: {shown})")
-    group = p.add_argument_group("run settings")
-    for f in fields(RunConfig):
-        if f.name in SECTIONS:
-            continue
-        flag = f.name.replace("_", "-")
-        default = getattr(base, f.name)
-        extra = {"choices": ["offline", "online", "disabled"]} if f.name == "wandb" else {}
-        group.add_argument(f"--{flag}", dest=f"cfg:{f.name}", metavar="V", default=None,
-                           help=f"(default preset: {default})", **extra)
+        add_dataclass_flags(group, cls, getattr(base, section), prefix=f"{section}.")
+    add_dataclass_flags(p.add_argument_group("run settings"), RunConfig, base, prefix="", skip=tuple(SECTIONS))
 
 
 def _resume_mode(text: str) -> str:
@@ -272,7 +248,8 @@ def merge_config(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(args: argparse.Namespace):
-    from meta.config import RunConfig, apply_overrides
+    from meta.config import SECTIONS, RunConfig, apply_overrides
+    from meta.config_cli import field_hints, parse_value
     from optimizers.learned import ConfigError
 
     table = presets()
@@ -292,15 +269,13 @@ def resolve_config(args: argparse.Namespace):
         if not key.startswith("cfg:") or text is None:
             continue
         name = key[4:]
-        if "." in name:
-            section, field_name = name.split(".", 1)
-            default = getattr(getattr(cfg, section), field_name)
-        else:
-            default = getattr(cfg, name)
+        section, _, field_name = name.rpartition(".")
+        hint = field_hints(SECTIONS[section] if section else RunConfig)[field_name]
         try:
-            overrides[name] = _parse_value(text, default)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise ConfigError(f"bad value for --{name}: {e}") from e
+            overrides[name] = parse_value(text, hint)
+        except ValueError as e:
+            flag = name if section else name.replace("_", "-")
+            raise ConfigError(f"bad value for --{flag}: {e}") from e
     return apply_overrides(cfg, overrides)
 
 
@@ -676,13 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from optimizers.learned import ConfigError
-    from optimizers.checkpoint import CheckpointError
-    from tasks.base import TaskConfigError
-    from tasks.data import DatasetError
-    from meta.lineage import LineageError
-    from meta.trainer import MetaTrainingError
     from meta import distributed as D
+    from optimizers.errors import UserError
+    from optimizers.learned import ConfigError
 
     stdout = sys.stdout
     if D.env_world_size() > 1 and args.command != "presets":  # launched by torchrun on several processes
@@ -727,12 +698,9 @@ def main(argv: list[str] | None = None) -> int:
                 return FROZEN_STATUS
             if result.get("stopped"):
                 return STOPPED_STATUS
-    except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
+    except UserError as e:  # a bad setting, a missing file, a refused operation: its message, no traceback
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
-        return 2
-    except MetaTrainingError as e:  # meta-training could not go on (its checkpoint is written)
-        print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
-        return 3
+        return e.exit_status  # 2; 3 when meta-training could not go on (its checkpoint is written)
     except BrokenPipeError:  # e.g. `train.py presets | head`: the reader left; say nothing more to it
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from optimizers.errors import UserError
 from optimizers.tree import Params
 
 Batch = tuple[Tensor, ...]
@@ -31,7 +32,7 @@ TaskConfig = dict[str, Any]
 SPLITS = ("meta_train", "held_out", "test")
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(UserError, ValueError):
     """A task configuration that cannot be built."""
 
 

@@ -436,6 +436,13 @@ def check_writable(directory: Path) -> None:
     probe.unlink()
 
 
+def evaluation_horizon(cfg, trained_meta: dict[str, Any]) -> int:
+    """The horizon H an evaluation runs at: ``eval.horizon`` when set, else the horizon the checkpoint was
+    meta-trained at (``trained_meta``: its stored ``meta`` section), not this invocation's preset's, so
+    that evaluating another run's checkpoint measures it where it was trained."""
+    return cfg.eval.horizon or int(trained_meta.get("horizon", cfg.meta.horizon))
+
+
 def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True) -> dict:
     import torch
 
@@ -453,7 +460,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
     run_cfg = meta.get("run_config", {}).get("meta", {})
     dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
                             run_cfg.get("dist_seed", cfg.meta.dist_seed))
-    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    horizon = evaluation_horizon(cfg, run_cfg)
     optimizers = {"learned": lopt.bind(theta), "learned_untrained": lopt.bind(theta0)}
     D.run_on_main(check_writable, Path(cfg.out_dir) / "eval")  # before minutes of evaluation, not after
     print(f"[ouroboros] evaluating {path} on {cfg.eval.num_tasks} '{cfg.eval.split}' tasks of "
@@ -491,7 +498,7 @@ def evaluate_suite(cfg, checkpoint: Path | None = None, *, tasks_per_group: int 
     run_cfg = meta.get("run_config", {}).get("meta", {})
     dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
                             run_cfg.get("dist_seed", cfg.meta.dist_seed))
-    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    horizon = evaluation_horizon(cfg, run_cfg)
     hz = ", ".join([str(horizon)] + [str(f * horizon) for f in factors])
     print(f"[ouroboros] generalisation suite for {path} (meta-trained on '{dist.name}'): {tasks_per_group} "
           f"'{cfg.eval.split}' task(s) per group at {hz} steps", flush=True)

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,41 +73,17 @@ def presets() -> dict[str, Any]:
 
 
 # ---- argument parsing ---------------------------------------------------------------------------
-def _parse_value(text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
-    if isinstance(default, tuple):
-        items = [t for t in text.split(",") if t.strip()]
-        kind = type(default[0]) if default else str
-        return tuple(kind(t.strip()) for t in items)
-    return type(default)(text)
-
-
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the dataclasses' annotations (meta.config_cli): a field
+    added to a section appears here with its type, choices and comment, and no edit of this file."""
     from meta.config import SECTIONS, RunConfig
+    from meta.config_cli import add_dataclass_flags
 
     base = presets()["default"]  # what a bare run uses (other presets: 'train.py presets')
     for section, cls in SECTIONS.items():
         group = p.add_argument_group(f"{section} settings ({cls.__name__})")
-        obj = getattr(base, section)
-        for f in fields(cls):
-            default = getattr(obj, f.name)
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", metavar="V",
-                               default=None, help=f"(default preset: {shown})")
-    group = p.add_argument_group("run settings")
-    for f in fields(RunConfig):
-        if f.name in SECTIONS:
-            continue
-        flag = f.name.replace("_", "-")
-        default = getattr(base, f.name)
-        extra = {"choices": ["offline", "online", "disabled"]} if f.name == "wandb" else {}
-        group.add_argument(f"--{flag}", dest=f"cfg:{f.name}", metavar="V", default=None,
-                           help=f"(default preset: {default})", **extra)
+        add_dataclass_flags(group, cls, getattr(base, section), prefix=f"{section}.")
+    add_dataclass_flags(p.add_argument_group("run settings"), RunConfig, base, prefix="", skip=tuple(SECTIONS))
 
 
 def _resume_mode(text: str) -> str:
@@ -272,7 +248,8 @@ def merge_config(base: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_config(args: argparse.Namespace):
-    from meta.config import RunConfig, apply_overrides
+    from meta.config import SECTIONS, RunConfig, apply_overrides
+    from meta.config_cli import field_hints, parse_value
     from optimizers.learned import ConfigError
 
     table = presets()
@@ -292,15 +269,13 @@ def resolve_config(args: argparse.Namespace):
         if not key.startswith("cfg:") or text is None:
             continue
         name = key[4:]
-        if "." in name:
-            section, field_name = name.split(".", 1)
-            default = getattr(getattr(cfg, section), field_name)
-        else:
-            default = getattr(cfg, name)
+        section, _, field_name = name.rpartition(".")
+        hint = field_hints(SECTIONS[section] if section else RunConfig)[field_name]
         try:
-            overrides[name] = _parse_value(text, default)
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise ConfigError(f"bad value for --{name}: {e}") from e
+            overrides[name] = parse_value(text, hint)
+        except ValueError as e:
+            flag = name if section else name.replace("_", "-")
+            raise ConfigError(f"bad value for --{flag}: {e}") from e
     return apply_overrides(cfg, overrides)
 
 
@@ -461,6 +436,13 @@ def check_writable(directory: Path) -> None:
     probe.unlink()
 
 
+def evaluation_horizon(cfg, trained_meta: dict[str, Any]) -> int:
+    """The horizon H an evaluation runs at: ``eval.horizon`` when set, else the horizon the checkpoint was
+    meta-trained at (``trained_meta``: its stored ``meta`` section), not this invocation's preset's, so
+    that evaluating another run's checkpoint measures it where it was trained."""
+    return cfg.eval.horizon or int(trained_meta.get("horizon", cfg.meta.horizon))
+
+
 def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool = True):
     import torch
 
@@ -478,7 +460,7 @@ def evaluate_checkpoint(cfg, checkpoint: Path | None = None, *, progress: bool =
     run_cfg = meta.get("run_config", {}).get("meta", {})
     dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
                             run_cfg.get("dist_seed", cfg.meta.dist_seed))
-    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    horizon = evaluation_horizon(cfg, run_cfg)
     optimizers = {"learned": lopt.bind(theta), "learned_untrained": lopt.bind(theta0)}
     D.run_on_main(check_writable, Path(cfg.out_dir) / "eval")  # before minutes of evaluation, not after
     print(f"[ouroboros] evaluating {path} on {cfg.eval.num_tasks} '{cfg.eval.split}' tasks of "
@@ -516,7 +498,7 @@ def evaluate_suite(cfg, checkpoint: Path | None = None, *, tasks_per_group: int 
     run_cfg = meta.get("run_config", {}).get("meta", {})
     dist = get_distribution(run_cfg.get("distribution", cfg.meta.distribution),
                             run_cfg.get("dist_seed", cfg.meta.dist_seed))
-    horizon = cfg.eval.horizon or int(run_cfg.get("horizon", cfg.meta.horizon))
+    horizon = evaluation_horizon(cfg, run_cfg)
     hz = ", ".join([str(horizon)] + [str(f * horizon) for f in factors])
     print(f"[ouroboros] generalisation suite for {path} (meta-trained on '{dist.name}'): {tasks_per_group} "
           f"'{cfg.eval.split}' task(s) per group at {hz} steps", flush=True)
@@ -676,13 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from optimizers.learned import ConfigError
-    from optimizers.checkpoint import CheckpointError
-    from tasks.base import TaskConfigError
-    from tasks.data import DatasetError
-    from meta.lineage import LineageError
-    from meta.trainer import MetaTrainingError
     from meta import distributed as D
+    from optimizers.errors import UserError
+    from optimizers.learned import ConfigError
 
     stdout = sys.stdout
     if D.env_world_size() > 1 and args.command != "presets":  # launched by torchrun on several processes
@@ -727,12 +705,9 @@ def main(argv: list[str] | None = None) -> int:
                 return FROZEN_STATUS
             if result.get("stopped"):
                 return STOPPED_STATUS
-    except (ConfigError, CheckpointError, TaskConfigError, DatasetError, LineageError) as e:
+    except UserError as e:  # a bad setting, a missing file, a refused operation: its message, no traceback
         print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
-        return 2
-    except MetaTrainingError as e:  # meta-training could not go on (its checkpoint is written)
-        print(f"error{f' (rank {D.rank()})' if D.active() else ''}: {e}", file=sys.stderr)
-        return 3
+        return e.exit_status  # 2; 3 when meta-training could not go on (its checkpoint is written)
     except BrokenPipeError:  # e.g. `train.py presets | head`: the reader left; say nothing more to it
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

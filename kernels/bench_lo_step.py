@@ -28,7 +28,7 @@ reported as GB/s of the bytes the step must move (read g, p, momenta, rms; write
 bandwidth; ``kernel_bytes`` is what the two-pass Triton design actually moves. Speed-ups compare every
 Triton method with every non-Triton one of the same row (and population one launch vs the loop).
 Results go to ``<out>/lo_step_<device>.json``, a roofline plot ``<out>/lo_step_roofline_<device>.png``
-and ``<out>/lo_step_<device>.md``: the kernels issue's targets, each *met* / *not met* / *unmeasured*
+and ``<out>/lo_step_<device>.md``: the kernels' performance targets, each *met* / *not met* / *unmeasured*
 with the numbers behind it (:func:`targets`; the default ``tf32`` precision decides), then every row.
 
     python -m kernels.bench_lo_step --sizes 1e6,1e7,1e8,1e9 --repeats 50
@@ -430,7 +430,7 @@ def bench_population(n_member: int, args, cfg: LOConfig, device, copy_bw: float)
     return row  # the caller frees the memory (_free) once these locals are gone
 
 
-# ---- the issue's targets -------------------------------------------------------------------------------
+# ---- the kernels' performance targets ----------------------------------------------------------------
 TARGET_MIN_PARAMS = 16_000_000  # forward targets and the population's bandwidth target hold from here up
 SMALL_MEMBER = 20_000  # "a small task (about 10K parameters each)"
 DEFAULT_PRECISION = "tf32"  # what dispatch uses (LearnedOptimizer.bind): its numbers decide the targets
@@ -449,7 +449,7 @@ def _triton(methods: dict, prefix: str) -> str | None:
 
 
 def targets(result: dict) -> list[dict]:
-    """Each target of the kernels issue with what the benchmark measured for it: ``status`` is ``met``
+    """Each performance target of the fused kernels with what the benchmark measured for it: ``status`` is ``met``
     (at every size measured), ``not met`` (at one or more) or ``unmeasured``; ``measured`` lists
     ``(where, value, passed)``."""
     rows: list[dict] = []

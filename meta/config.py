@@ -12,26 +12,34 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
 
-from meta.unroll import META_LOSSES
 from optimizers.learned import ConfigError, LOConfig, _check_keys, check_types
+
+# ---- choices as types: check_types validates them, the command line offers them as choices ----------
+Estimator = Literal["tbptt", "es", "pes"]  # meta.estimators.ESTIMATORS
+Schedule = Literal["constant", "log_uniform"]
+MetaLoss = Literal["log_train", "train", "log_valid", "valid", "log_train_valid"]  # meta.unroll.META_LOSSES
+Split = Literal["meta_train", "held_out", "test"]  # tasks.base.SPLITS
+SuccessorStart = Literal["incumbent", "fresh"]
+Approval = Literal["auto", "prompt", "file"]
+WandbMode = Literal["offline", "online", "disabled"]
 
 
 @dataclass(frozen=True)
 class MetaConfig:
     distribution: str = "digits_mlp"  # a name from tasks.distributions.DISTRIBUTIONS
     dist_seed: int = 0
-    estimator: str = "tbptt"  # tbptt | es | pes
+    estimator: Estimator = "tbptt"  # meta-gradient estimator: truncated backprop, ES or PES (meta.estimators)
     population: int = 8  # task slots stepped per outer step
     truncation: int = 20  # inner steps per truncation (per outer step)
-    schedule: str = "constant"  # episode lengths: constant (= horizon) | log_uniform
+    schedule: Schedule = "constant"  # episode lengths: constant (= horizon) | log_uniform
     horizon: int = 200  # meta-training horizon: inner steps per task episode
     min_horizon: int = 100  # log_uniform schedule bounds
     max_horizon: int = 1000
     sigma: float = 0.01  # ES / PES perturbation scale
     pairs: int = 1  # antithetic pairs per member (ES / PES)
-    meta_loss: str = "log_train"  # log_train | train | log_valid | valid
+    meta_loss: MetaLoss = "log_train"  # the meta-objective: (log) training or validation loss (meta.unroll)
     num_train_tasks: int = 0  # size of the meta-train task pool (0: unbounded)
     outer_optimizer: str = "adam"  # adam | a path to a learned-optimizer checkpoint
     outer_lr: float = 3e-3
@@ -49,12 +57,6 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "meta")
-        if self.estimator not in ("tbptt", "es", "pes"):
-            raise ConfigError(f"meta.estimator must be tbptt, es or pes, got {self.estimator!r}")
-        if self.schedule not in ("constant", "log_uniform"):
-            raise ConfigError(f"meta.schedule must be constant or log_uniform, got {self.schedule!r}")
-        if self.meta_loss not in META_LOSSES:
-            raise ConfigError(f"meta.meta_loss must be one of {META_LOSSES}, got {self.meta_loss!r}")
         for name in ("population", "truncation", "horizon", "min_horizon", "max_horizon", "pairs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)}")
@@ -71,7 +73,7 @@ class MetaConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    split: str = "held_out"
+    split: Split = "held_out"
     num_tasks: int = 20
     horizon: int = 0  # 0: the meta-training horizon
     long_factor: int = 10  # also evaluate at long_factor x horizon
@@ -83,8 +85,6 @@ class EvalConfig:
         check_types(self, "eval")
         object.__setattr__(self, "adam_lrs", tuple(float(x) for x in self.adam_lrs))
         object.__setattr__(self, "sgdm_lrs", tuple(float(x) for x in self.sgdm_lrs))
-        if self.split not in ("meta_train", "held_out", "test"):
-            raise ConfigError(f"eval.split must be meta_train, held_out or test, got {self.split!r}")
         if self.num_tasks < 1 or self.long_factor < 1 or self.horizon < 0:
             raise ConfigError("eval.num_tasks and eval.long_factor must be >= 1, eval.horizon >= 0")
         if len(self.adam_lrs) < 1 or any(lr <= 0 for lr in self.adam_lrs + self.sgdm_lrs):
@@ -180,11 +180,11 @@ class GenConfig:
 
     max_generations: int = 3  # generations to have in the lineage when the run ends
     outer_steps: int = 150  # outer steps per successor generation (generation 0 uses meta.outer_steps)
-    start: str = "incumbent"  # successors start from the incumbent's weights (same architecture) | fresh
+    start: SuccessorStart = "incumbent"  # successors start from the incumbent's weights (same architecture) | fresh
     control: bool = True  # also meta-train each successor with Adam (same budget, seeds, start)
     outer_scale: float = 0.0  # update scale of a learned optimizer used as the outer one; 0: outer_lr / nominal_lr
     successor_lo: str = ""  # JSON object of LOConfig overrides for successors, e.g. {"hidden_width": 16}
-    approval: str = "auto"  # auto | prompt | file
+    approval: Approval = "auto"
     poll_seconds: float = 2.0  # how often a run waiting for approval checks the lineage
     # diminishing returns: the run ends by itself after this many generations in a row without an
     # adoption (0: never); the report says so
@@ -203,10 +203,6 @@ class GenConfig:
                               "gen.search_tasks >= 1")
         if self.max_generations < 1 or self.outer_steps < 1:
             raise ConfigError("gen.max_generations and gen.outer_steps must be >= 1")
-        if self.start not in ("incumbent", "fresh"):
-            raise ConfigError(f"gen.start must be incumbent or fresh, got {self.start!r}")
-        if self.approval not in ("auto", "prompt", "file"):
-            raise ConfigError(f"gen.approval must be auto, prompt or file, got {self.approval!r}")
         if self.outer_scale < 0 or self.poll_seconds <= 0:
             raise ConfigError("gen.outer_scale must be >= 0 and gen.poll_seconds > 0")
         if self.patience < 0:
@@ -237,7 +233,7 @@ class RunConfig:
     out_dir: str = "runs/default"
     checkpoint_every: int = 25  # outer steps between checkpoints
     log_every: int = 1
-    wandb: str = "offline"  # offline | online | disabled
+    wandb: WandbMode = "offline"  # W&B mode
     wandb_project: str = "ouroboros"
     threads: int = 0  # torch CPU threads (0: torch's default)
     # processes on this machine: > 1 makes `train.py` re-launch itself under torchrun (meta-training
@@ -253,8 +249,6 @@ class RunConfig:
                 raise ConfigError(f"{name} must be a {expected.__name__}, got {getattr(self, name)!r}")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
-        if self.wandb not in ("offline", "online", "disabled"):
-            raise ConfigError(f"wandb must be offline, online or disabled, got {self.wandb!r}")
         if self.procs < 1:  # an integer: check_types
             raise ConfigError(f"procs must be >= 1, got {self.procs}")
         if self.checkpoint_every < 1 or self.log_every < 1:

@@ -91,10 +91,6 @@ class Verdict:
     improvement: float | None = None  # mean improvement over the incumbent at the horizon
     seconds: float = 0.0
 
-    @property
-    def passed(self) -> bool:
-        return self.decision != "reject"
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

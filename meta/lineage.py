@@ -66,13 +66,14 @@ from pathlib import Path
 from typing import Any
 
 from optimizers import checkpoint as ckpt
+from optimizers.errors import UserError
 
 GENESIS = "0" * 64
 RUN_LOCK = ".run.lock"  # in the run directory, held by the generations process using it
 ADOPTED, REJECTED, PENDING = "adopted", "rejected", "pending"
 
 
-class LineageError(RuntimeError):
+class LineageError(UserError, RuntimeError):
     """The lineage is inconsistent (tampered, truncated) or an operation on it is not allowed."""
 
 

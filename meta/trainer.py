@@ -37,6 +37,7 @@ from meta.config import MetaConfig, RunConfig
 from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorState, LogUniformSchedule, clip_meta_grad
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer, for_horizon
+from optimizers.errors import UserError
 from optimizers.hand import Adam
 from optimizers.learned import ConfigError, LearnedOptimizer, LOConfig
 from optimizers.transforms import WarmDown, scale_updates
@@ -46,9 +47,11 @@ from tasks import get_distribution, seeded
 CHECKPOINT_DIR = "checkpoint"
 
 
-class MetaTrainingError(RuntimeError):
+class MetaTrainingError(UserError, RuntimeError):
     """Meta-training cannot go on (e.g. ``meta.max_bad_steps`` consecutive steps with no usable member);
-    the trainer wrote a checkpoint before raising it."""
+    the trainer wrote a checkpoint before raising it. Its own exit status tells it from a bad setting."""
+
+    exit_status = 3
 
 
 def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:

@@ -25,11 +25,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from optimizers.errors import UserError
+
 FORMAT = "ouroboros-checkpoint/1"
 RECORD = "checkpoint.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt, or of an unexpected kind; the message says which file."""
 
 

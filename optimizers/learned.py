@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from optimizers.errors import UserError
 from optimizers.tree import Params
 
 # Feature groups and the number of channels each contributes (with 3 momentum / 3 adafactor decays).
@@ -74,7 +75,7 @@ LOSS_FEATURES = ("none", "ema")
 LEGACY_FIELDS = {"design": "additive", "time_features": "absolute", "step_scale": "none"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or key that cannot work; raised before any work starts."""
 
 
@@ -93,8 +94,8 @@ def check_types(obj: Any, section: str = "") -> None:
     Why: values arrive from JSON and the command line; ``x <= 0`` range checks let NaN through,
     ``"2"`` or ``2.5`` for an integer surfaced as shape errors deep in a run, and ``True`` is an ``int``
     in Python. Numbers must be finite; booleans are not numbers; an integer field takes an integer
-    (``4.0`` too, from JSON), a float field any real number; tuples take lists or tuples of those. The
-    error names the key (``section.name``)."""
+    (``4.0`` too, from JSON), a float field any real number; tuples take lists or tuples of those; a
+    ``Literal[...]`` field one of its values. The error names the key (``section.name``)."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         key = f"{section}.{f.name}" if section else f.name
@@ -105,6 +106,9 @@ def check_types(obj: Any, section: str = "") -> None:
                 raise ConfigError(f"{key} must be a list, got {value!r}")
             for item in value:
                 _check_scalar(item, args[0], key)
+        elif typing.get_origin(hint) is typing.Literal:  # the choices are the type
+            if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+                raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}, got {value!r}")
         elif hint in (int, float, bool, str):
             _check_scalar(value, hint, key)
             if hint is int and not isinstance(value, int):  # 4.0 from JSON

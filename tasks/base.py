@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from optimizers.errors import UserError
 from optimizers.tree import Params
 
 Batch = tuple[Tensor, ...]
@@ -41,7 +42,7 @@ SELECTION = "selection"
 ALL_SPLITS = SPLITS + (SELECTION,)
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(UserError, ValueError):
     """A task configuration that cannot be built."""
 
 

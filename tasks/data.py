@@ -39,11 +39,13 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from optimizers.errors import UserError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 ENV_VAR = "OUROBOROS_DATA"
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(UserError, FileNotFoundError):
     """A dataset directory or file is missing or malformed; the message says what is expected."""
 
 

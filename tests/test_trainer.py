@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,8 +262,8 @@ def test_help_shows_the_default_presets_values():
     r = _cli("meta-train", "--help")
     assert r.returncode == 0
     flat = " ".join(r.stdout.split())
-    assert "--meta.outer_steps V (default preset: 400)" in flat
-    assert "--procs V (default preset: 2)" in flat
+    assert "--meta.outer_steps INT (default preset: 400)" in flat
+    assert re.search(r"--procs INT .*?\(default preset: (\d+)\)", flat).group(1) == "2"  # after its comment
 
 
 def test_a_learned_outer_optimizer_reads_the_meta_loss(tmp_path):

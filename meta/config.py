@@ -46,9 +46,19 @@ class MetaConfig:
     # stop with an error (after a checkpoint) after this many consecutive outer steps in which no member
     # gave a usable meta-gradient (every truncation non-finite); such steps leave theta unchanged
     max_bad_steps: int = 10
+    # which meta_train tasks the members train on (meta/curation.py): uniform, or "trailing": regions of
+    # task configurations drawn in proportion to how far the learned optimizer trails there, mixed with
+    # curation_floor x uniform over regions, the proportions refreshed every curation_every outer steps
+    curation: str = "uniform"
+    curation_floor: float = 0.2
+    curation_every: int = 10
 
     def __post_init__(self) -> None:
         check_types(self, "meta")
+        if self.curation not in ("uniform", "trailing"):
+            raise ConfigError(f"meta.curation must be uniform or trailing, got {self.curation!r}")
+        if not 0.0 <= self.curation_floor <= 1.0 or self.curation_every < 1:
+            raise ConfigError("meta.curation_floor must lie in [0, 1] and meta.curation_every be >= 1")
         if self.estimator not in ("tbptt", "es", "pes"):
             raise ConfigError(f"meta.estimator must be tbptt, es or pes, got {self.estimator!r}")
         if self.schedule not in ("constant", "log_uniform"):

@@ -28,6 +28,8 @@ from meta import distributed as D
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV_FAULT = "OUROBOROS_TEST_FAULT"  # read by the launcher below, never by the library
+FAULT_LAUNCHER = str(ROOT / "tests" / "_fault_launcher.py")  # runs train.py with the fault planted
 
 pytestmark = pytest.mark.skipif(not (D._dist().is_available() and D._dist().is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.skipif(not (D._dist().is_available() and D._dist().is_g
 def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            D.ENV_TIMEOUT: "60"}
-    env.pop(D.ENV_FAULT, None)
+    env.pop(ENV_FAULT, None)
     env.update(extra)
     return env
 
@@ -175,13 +177,13 @@ def test_killed_rank_stops_the_job_and_relaunch_resumes(tmp_path, uninterrupted)
     out = tmp_path / "run"
     fault = f"rank=1,step=3,once={tmp_path / 'fired'}"
     t0 = time.time()
-    r = _run([*TORCHRUN, *_cli(out)], **{D.ENV_FAULT: fault})
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_cli(out)], **{ENV_FAULT: fault})
     assert r.returncode != 0 and (tmp_path / "fired").exists()
     assert time.time() - t0 < 60  # the survivor did not wait for the dead rank
     from optimizers import checkpoint as ckpt
 
     assert ckpt.load(out / "checkpoint")[1]["step"] == 2  # the last checkpoint before the fault
-    r = _run([*TORCHRUN, *_cli(out)], **{D.ENV_FAULT: fault})  # the very same command
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_cli(out)], **{ENV_FAULT: fault})  # the very same command
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2/6" in r.stdout
     _same_checkpoints(out / "checkpoint", uninterrupted / "checkpoint")
@@ -191,8 +193,8 @@ def test_killed_rank_stops_the_job_and_relaunch_resumes(tmp_path, uninterrupted)
 
 def test_torchrun_max_restarts_resumes_automatically(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    cmd = [*TORCHRUN, "--max-restarts", "1", *_cli(out)[:-2]]  # no --resume: restarts resume by themselves
-    r = _run(cmd, **{D.ENV_FAULT: f"rank=1,step=3,once={tmp_path / 'fired'}"})
+    cmd = [*TORCHRUN, "--max-restarts", "1", FAULT_LAUNCHER, *_cli(out)[:-2]]  # no --resume: restarts resume
+    r = _run(cmd, **{ENV_FAULT: f"rank=1,step=3,once={tmp_path / 'fired'}"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "fired").exists() and "resumed from" in r.stdout
     _same_checkpoints(out / "checkpoint", uninterrupted / "checkpoint")
@@ -278,10 +280,10 @@ def test_generations_under_two_processes_match_one_and_resume_after_a_killed_ran
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
     fault = f"rank=1,step=3,once={tmp_path / 'fired'}"  # dies in generation 0's meta-training, after step 3
-    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_generations_cli(two)], **{ENV_FAULT: fault})
     assert r.returncode != 0 and (tmp_path / "fired").exists()
     assert not (two / "lineage" / "entries").exists()  # nothing half-written reached the lineage
-    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})  # the very same command
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_generations_cli(two)], **{ENV_FAULT: fault})  # the very same command
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "gen 0 candidate: meta-training by adam for 4 outer steps (from step 2)" in r.stdout
     assert "| 1 | adopted (incumbent) | gen-0 |" in (two / "report.md").read_text()

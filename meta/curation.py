@@ -23,8 +23,12 @@ where the learned optimizer makes the least progress relative to its other regio
 mining over task regions, which cannot tell "the optimizer is weak here" from "the task is hard for
 every optimizer" -- a tuned-Adam reference does, at the cost of evaluations.
 
-Only the ``meta_train`` split is ever sampled (a region's tasks are meta_train indices), so the
-held-out and test splits stay untouched. :class:`UniformTaskSampler` is the historical rule, kept bit
+Only the ``meta_train`` split is ever sampled: the sampler draws among the pool's first
+:data:`CATALOGUE_SIZE` meta_train indices (``meta.num_train_tasks``, else 2048 when the pool is
+unbounded: the CPU default run trains on ~330 episodes in all), grouped by region, so the held-out and
+test splits stay untouched. A region holding under :data:`MIN_REGION_SHARE` of the catalogue is merged
+into the largest region of its family and dataset (a region of 4 tasks with a floor share of 3% would
+repeat the same few tasks all run long). :class:`UniformTaskSampler` is the historical rule, kept bit
 for bit (the default run's tasks are unchanged).
 """
 
@@ -41,11 +45,10 @@ from tasks.base import TaskDistribution, seeded
 # Running mean of a region's progress: the plain mean of its first 1 / EMA_RATE episodes, then an
 # exponential mean with this rate (the learned optimizer changes while it trains).
 EMA_RATE = 0.2
-# An unbounded pool (meta.num_train_tasks 0): regions are discovered among this many meta_train
-# indices, and a draw tries at most MAX_TRIES fresh indices for one in the chosen region before it
-# falls back to a discovered one.
+# Curation draws among the first CATALOGUE_SIZE tasks of the meta_train pool; regions smaller than
+# MIN_REGION_SHARE of them are merged into a larger one.
 CATALOGUE_SIZE = 2048
-MAX_TRIES = 4096
+MIN_REGION_SHARE = 0.02
 
 
 def _size_and_depth(cfg: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -57,6 +60,11 @@ def _size_and_depth(cfg: Mapping[str, Any]) -> tuple[int | None, int | None]:
         if key in cfg:
             return int(cfg[key]), int(cfg["layers"]) if "layers" in cfg else None
     return None, None
+
+
+def _prefix(region: str) -> str:
+    """A region's family and dataset (its parts before the width / depth buckets)."""
+    return "/".join(p for p in region.split("/") if not (p[:1] in "wd" and p[1:].isdigit()))
 
 
 def region_of(cfg: Mapping[str, Any]) -> str:
@@ -140,12 +148,16 @@ class TrailingTaskSampler:
         self.dist, self.split, self.seed = dist, split, seed
         self.num_train_tasks, self.floor, self.every = num_train_tasks, floor, every
         self.reference = dict(reference or {})
-        pool = range(num_train_tasks) if num_train_tasks else range(CATALOGUE_SIZE)
-        catalogue: dict[str, list[int]] = {}
+        pool = range(min(num_train_tasks or CATALOGUE_SIZE, CATALOGUE_SIZE))
+        raw: dict[str, list[int]] = {}
         for i in pool:
-            catalogue.setdefault(region_of(dist.config(split, i)), []).append(i)
-        self.regions: list[str] = sorted(catalogue)
-        self.catalogue = catalogue
+            raw.setdefault(region_of(dist.config(split, i)), []).append(i)
+        self.merged = _merge_small(raw, MIN_REGION_SHARE * len(pool))  # raw region -> region
+        self.catalogue: dict[str, list[int]] = {}
+        for r in sorted(raw):
+            self.catalogue.setdefault(self.merged[r], []).extend(raw[r])
+        self.catalogue = {r: sorted(v) for r, v in self.catalogue.items()}
+        self.regions: list[str] = sorted(self.catalogue)
         self.progress = [0.0] * len(self.regions)
         self.counts = [0] * len(self.regions)
         self.probs = [1.0 / len(self.regions)] * len(self.regions)
@@ -158,7 +170,7 @@ class TrailingTaskSampler:
         pos = {r: k for k, r in enumerate(self.regions)}
         for rec in sorted(records, key=lambda r: (r.member, r.episode)):
             self.history[(rec.member, rec.episode + 1)] = rec.next_index
-            k = pos.get(rec.region)
+            k = pos.get(self.merged.get(rec.region, rec.region))
             if k is None or not math.isfinite(rec.progress):
                 continue
             self.counts[k] += 1
@@ -192,11 +204,6 @@ class TrailingTaskSampler:
     def _draw(self, member: int, episode: int) -> int:
         g = seeded("curated_task", self.seed, member, episode)
         region = self.regions[int(torch.multinomial(torch.tensor(self.probs, dtype=torch.float64), 1, generator=g))]
-        if not self.num_train_tasks:  # unbounded pool: a fresh index of that region when one turns up
-            for _ in range(MAX_TRIES):
-                idx = int(torch.randint(2**31 - 1, (), generator=g))
-                if region_of(self.dist.config(self.split, idx)) == region:
-                    return idx
         pool = self.catalogue[region]
         return pool[int(torch.randint(len(pool), (), generator=g))]
 
@@ -224,6 +231,22 @@ class TrailingTaskSampler:
         self.probs = [float(x) for x in tensors["curation/probs"].tolist()]
         self.refreshed_at = int(meta.get("refreshed_at", 0))
         self.history = {(int(m), int(e)): int(i) for m, e, i in meta.get("history", [])}
+
+
+def _merge_small(raw: Mapping[str, list[int]], min_size: float) -> dict[str, str]:
+    """Map each raw region to itself, or (when it holds fewer than ``min_size`` tasks) to the largest
+    region of the same family and dataset that is big enough (else the largest region of all)."""
+    big = sorted((r for r in raw if len(raw[r]) >= min_size), key=lambda r: (-len(raw[r]), r))
+    if not big:  # a tiny pool: one region per raw region, however small
+        return {r: r for r in raw}
+    out = {}
+    for r in raw:
+        if r in big:
+            out[r] = r
+        else:
+            same = [b for b in big if _prefix(b) == _prefix(r)]
+            out[r] = (same or big)[0]
+    return out
 
 
 def make_sampler(curation: str, dist: TaskDistribution, *, seed: int, num_train_tasks: int | None,

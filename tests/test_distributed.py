@@ -87,7 +87,7 @@ def _close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
         torch.testing.assert_close(v, b[k], rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize("estimator", ["tbptt", "pes", "curated"])
 def test_two_processes_match_one(sharded_and_single, estimator):
     ranks, single, _ = sharded_and_single
     ref = single[estimator]
@@ -105,6 +105,15 @@ def test_two_processes_match_one(sharded_and_single, estimator):
         assert got["meta_loss"] == pytest.approx(ref["meta_loss"], rel=1e-5, abs=1e-6)
     for k in ranks[0][estimator]["theta"]:  # ranks hold bit-identical meta-parameters
         assert torch.equal(ranks[0][estimator]["theta"][k], ranks[1][estimator]["theta"][k])
+    if "sampler" in ref:  # curated: the same statistics, probabilities and task history on every rank
+        assert sum(ref["sampler"]["counts"]) > 0
+        for r in ranks:
+            assert r[estimator]["sampler"]["history"] == ref["sampler"]["history"]
+            assert r[estimator]["sampler"]["counts"] == ref["sampler"]["counts"]
+            assert r[estimator]["sampler"]["progress"] == pytest.approx(ref["sampler"]["progress"], rel=1e-6)
+            assert r[estimator]["sampler"]["probs"] == pytest.approx(ref["sampler"]["probs"], rel=1e-6)
+            assert r[estimator]["reloaded_sampler"] == r[estimator]["sampler"]
+        assert ranks[0][estimator]["sampler"] == ranks[1][estimator]["sampler"]
 
 
 def test_checkpoint_from_two_processes_is_complete_and_resumes_anywhere(sharded_and_single):

@@ -169,7 +169,7 @@ class EstimateSums:
 
 
 class Estimator:
-    """Base class: population bookkeeping, seeding, non-finite handling, reduction."""
+    """Base class: population bookkeeping, seeding, non-finite handling, sums over members."""
 
     name = "base"
 

@@ -404,7 +404,7 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
     print(f"[ouroboros] meta-training a learned optimizer ({trainer.lopt.num_theta()} weights) on "
           f"'{cfg.meta.distribution}' with {cfg.meta.estimator}, population {cfg.meta.population}, "
           f"horizon {cfg.meta.horizon}, truncation {cfg.meta.truncation}; outer optimizer "
-          f"{cfg.meta.outer_optimizer}", flush=True)
+          f"{trainer.outer_label}", flush=True)
     from kernels import describe_step_path
 
     print(f"[ouroboros] {describe_step_path('cpu')}", flush=True)  # tasks live on the CPU

@@ -551,7 +551,7 @@ def member_task_configs() -> list[dict]:
     cfg = train.presets()["default"]
     est = make_estimator(cfg.meta, LearnedOptimizer(cfg.lo), get_distribution(cfg.meta.distribution,
                                                                               cfg.meta.dist_seed))
-    return [est.dist.config(est.split, est._task_index(i, 0)) for i in range(cfg.meta.population)]
+    return [est.dist.config(est.split, est.task_index(i, 0)) for i in range(cfg.meta.population)]
 
 
 def find_jax_python(arg: str | None) -> str:

@@ -24,6 +24,7 @@ Split = Literal["meta_train", "held_out", "test"]  # tasks.base.SPLITS
 SuccessorStart = Literal["incumbent", "fresh"]
 Approval = Literal["auto", "prompt", "file"]
 WandbMode = Literal["offline", "online", "disabled"]
+Curation = Literal["uniform", "trailing"]  # meta.curation
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,17 @@ class MetaConfig:
     # stop with an error (after a checkpoint) after this many consecutive outer steps in which no member
     # gave a usable meta-gradient (every truncation non-finite); such steps leave theta unchanged
     max_bad_steps: int = 10
+    # which meta_train tasks the members train on (meta/curation.py): uniform, or "trailing": regions of
+    # task configurations drawn in proportion to how far the learned optimizer trails there, mixed with
+    # curation_floor x uniform over regions, the proportions refreshed every curation_every outer steps
+    curation: Curation = "uniform"
+    curation_floor: float = 0.2
+    curation_every: int = 10
 
     def __post_init__(self) -> None:
         check_types(self, "meta")
+        if not 0.0 <= self.curation_floor <= 1.0 or self.curation_every < 1:
+            raise ConfigError("meta.curation_floor must lie in [0, 1] and meta.curation_every be >= 1")
         for name in ("population", "truncation", "horizon", "min_horizon", "max_horizon", "pairs", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"meta.{name} must be >= 1, got {getattr(self, name)}")

@@ -44,7 +44,6 @@ from typing import Any
 
 ENV_TIMEOUT = "OUROBOROS_DIST_TIMEOUT"
 ENV_BACKEND = "OUROBOROS_DIST_BACKEND"
-ENV_FAULT = "OUROBOROS_TEST_FAULT"  # test-only fault injection, see maybe_inject_fault
 DEFAULT_TIMEOUT_S = 600.0  # longest a rank waits in one collective (covers evaluation load imbalance)
 
 
@@ -365,31 +364,3 @@ def load_checkpoint(path: str | Path):
     from optimizers import checkpoint as ckpt
 
     return run_on_main(ckpt.load, path)
-
-
-# ---- test-only fault injection -----------------------------------------------------------------
-_FAULT: dict | None | bool = False  # False: not parsed yet
-
-
-def maybe_inject_fault(step: int) -> None:
-    """Test hook: ``OUROBOROS_TEST_FAULT="rank=1,step=3,once=/tmp/marker[,mode=exit|hang]"`` makes that
-    rank die (``os._exit(17)``) or hang after finishing outer step ``step``. With ``once`` it fires only
-    if the marker file does not exist yet (and creates it), so a relaunch of the same command runs
-    through. Costs one dict lookup per step when unset."""
-    global _FAULT
-    if _FAULT is False:
-        spec = os.environ.get(ENV_FAULT, "")
-        _FAULT = dict(kv.split("=", 1) for kv in spec.split(",") if "=" in kv) if spec else None
-    if not _FAULT or int(_FAULT.get("step", -1)) != step or int(_FAULT.get("rank", 0)) != rank():
-        return
-    once = _FAULT.get("once")
-    if once:
-        if os.path.exists(once):
-            return
-        Path(once).write_text(f"rank {rank()} step {step}\n")
-    if _FAULT.get("mode", "exit") == "hang":
-        import time
-
-        while True:
-            time.sleep(3600)
-    os._exit(17)

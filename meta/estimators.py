@@ -15,11 +15,20 @@ random length so members are de-synchronised and truncations see every phase of 
   running sum ``xi`` of its perturbations, giving an estimate that is unbiased across truncations;
   ``xi`` resets when the member's episode ends.
 
+Contract with the trainer: :meth:`Estimator.accumulate` returns *sums and counts* only
+(:class:`EstimateSums`: the sum of the used members' meta-gradients and their number, loss sums,
+non-finite counters, the episodes that ended); the caller reduces them (across processes under
+``torchrun``: :meth:`EstimateSums.all_reduce`) and takes the means (:meth:`EstimateSums.mean`).
+:meth:`Estimator.estimate` is the single-process composition of the two. Why: the estimator knows
+members and truncations, not process groups; a mean taken before the reduction would weight ranks, not
+members.
+
 Sharding: every member's randomness (task, batches, perturbations) is derived from
 ``(seed, member index, episode / step)``, never from a shared generator, and the estimate is
-``sum of member contributions / count``. A distributed version hands each rank a slice of
-``member_ids`` and all-reduces ``(sum, count)`` through :attr:`Estimator.reduce`; the maths is
-unchanged and the result does not depend on the number of ranks.
+``sum of member contributions / count``, so a rank that steps a slice of ``member_ids`` contributes
+its sums and the reduced result does not depend on the number of ranks. Which meta-training task a
+member's episode uses is the *task sampler*'s choice (:mod:`meta.curation`: uniform by default,
+or curated towards the tasks the learned optimizer trails on); :meth:`Estimator.task_index` asks it.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
+from meta.curation import EpisodeRecord, TaskSampler, UniformTaskSampler, region_of
 from meta.unroll import META_LOSSES, autograd_grad_and_value, meta_term, unroll
 from optimizers.base import LearnableOptimizer
 from optimizers.tree import Params, all_finite, detach, tree_map
@@ -74,9 +84,15 @@ class Member:
     opt_state: Tree
     extra: dict = field(default_factory=dict)  # estimator-specific tensors (PES: "xi")
     task: Task | None = None
+    # log normalised training loss after the episode's first inner step; kept only when the task sampler
+    # curates (the episode's progress, end minus start, is what it reads)
+    start_log_loss: float | None = None
 
     def scalars(self) -> dict:
-        return {"task_config": self.task_config, "episode": self.episode, "t": self.t, "length": self.length}
+        out = {"task_config": self.task_config, "episode": self.episode, "t": self.t, "length": self.length}
+        if self.start_log_loss is not None:  # absent unless curating: uniform checkpoints are unchanged
+            out["start_log_loss"] = self.start_log_loss
+        return out
 
 
 @dataclass
@@ -97,8 +113,63 @@ def _sum_trees(a: Tree | None, b: Tree) -> Tree:
     return b if a is None else tree_map(torch.add, a, b)
 
 
+@dataclass
+class EstimateSums:
+    """What one outer step's members contributed, as sums and counts (not yet reduced or averaged).
+
+    ``grad_sum`` / ``count``: the used members' meta-gradients and their number; ``meta_loss_sum`` /
+    ``inner_loss_sum`` with their counts (an ES member whose unrolls all diverged has a meta-loss but no
+    finite inner loss); ``nonfinite_loss`` / ``nonfinite_grad``: truncations dropped this step and why;
+    ``episodes_done``: the state's cumulative counter; ``episodes``: the episodes that ended this step
+    (filled only when the task sampler curates)."""
+
+    grad_sum: Params
+    count: int = 0
+    meta_loss_sum: float = 0.0
+    meta_loss_count: int = 0
+    inner_loss_sum: float = 0.0
+    inner_loss_count: int = 0
+    nonfinite_loss: int = 0
+    nonfinite_grad: int = 0
+    episodes_done: int = 0
+    episodes: list[EpisodeRecord] = field(default_factory=list)
+
+    def mean(self) -> tuple[Params, dict]:
+        """``(meta-gradient, metrics)``: the averages of the sums. Metrics: ``members_used`` (0 means the
+        gradient is all zeros and must not be applied), ``meta_loss`` / ``inner_loss`` (None when no
+        member gave one), ``nonfinite_loss``, ``nonfinite_grad``, ``nonfinite`` (their sum),
+        ``episodes_done``."""
+        grad = tree_map(lambda t: t / max(self.count, 1), self.grad_sum)
+        return grad, {
+            "meta_loss": float(self.meta_loss_sum / self.meta_loss_count) if self.meta_loss_count else None,
+            "inner_loss": float(self.inner_loss_sum / self.inner_loss_count) if self.inner_loss_count else None,
+            "members_used": self.count,
+            "nonfinite": self.nonfinite_loss + self.nonfinite_grad,
+            "nonfinite_loss": self.nonfinite_loss,
+            "nonfinite_grad": self.nonfinite_grad,
+            "episodes_done": self.episodes_done,
+        }
+
+    def all_reduce(self, tensors: Callable[[dict], dict], scalars: Callable[[list[float]], list[float]],
+                   gather: Callable[[Any], list] | None = None) -> "EstimateSums":
+        """The population-wide sums, given a process group's collectives (``meta.distributed``'s
+        ``all_reduce_sum`` / ``all_reduce_scalars`` / ``all_gather_object``): one all-reduce of the
+        gradient sum with its count, one of the scalar sums; the ended episodes are gathered (when
+        ``gather`` is given) in (member, episode) order, so every rank sees the same list."""
+        dtype = next(iter(self.grad_sum.values())).dtype
+        out = tensors({"sum": self.grad_sum, "count": torch.tensor([float(self.count)], dtype=dtype)})
+        s = scalars([self.meta_loss_sum, self.meta_loss_count, self.inner_loss_sum, self.inner_loss_count,
+                     self.nonfinite_loss, self.nonfinite_grad, self.episodes_done])
+        episodes = self.episodes
+        if gather is not None:
+            episodes = sorted((r for part in gather(self.episodes) for r in part),
+                              key=lambda r: (r.member, r.episode))
+        return EstimateSums(out["sum"], round(float(out["count"][0])), s[0], round(s[1]), s[2], round(s[3]),
+                            round(s[4]), round(s[5]), round(s[6]), episodes)
+
+
 class Estimator:
-    """Base class: population bookkeeping, seeding, non-finite handling, reduction."""
+    """Base class: population bookkeeping, seeding, non-finite handling, sums over members."""
 
     name = "base"
 
@@ -115,6 +186,7 @@ class Estimator:
         split: str = "meta_train",
         num_train_tasks: int | None = None,
         desync: bool = True,
+        sampler: TaskSampler | None = None,
     ):
         if meta_loss not in META_LOSSES:
             raise ValueError(f"meta_loss must be one of {META_LOSSES}, got {meta_loss!r}")
@@ -126,16 +198,18 @@ class Estimator:
         # Finite pool of meta-training task indices (None: effectively unbounded).
         self.num_train_tasks = num_train_tasks
         self.desync = desync
-        # Hook for sharding: maps (sum of member gradients, member count) to global ones.
-        self.reduce: Callable[[Tree, int], tuple[Tree, int]] = lambda s, n: (s, n)
+        # which task each (member, episode) trains on: uniform over the pool unless curated
+        self.sampler: TaskSampler = sampler or UniformTaskSampler(seed, num_train_tasks)
 
     # -- members ----------------------------------------------------------------------------
-    def _task_index(self, member: int, episode: int) -> int:
-        idx = int(torch.randint(2**31 - 1, (), generator=seeded("task_index", self.seed, member, episode)))
-        return idx % self.num_train_tasks if self.num_train_tasks else idx
+    def task_index(self, member: int, episode: int) -> int:
+        """The ``split`` task index member ``member`` trains on in episode ``episode`` (the sampler's)."""
+        return self.sampler.index(member, episode)
 
-    def _new_member(self, theta: Params, i: int, episode: int) -> Member:
-        cfg = self.dist.config(self.split, self._task_index(i, episode))
+    def new_member(self, theta: Params, i: int, episode: int, task_config: dict | None = None) -> Member:
+        """Member ``i`` at the start of ``episode``: its task (``task_config``, else the sampler's choice),
+        episode length, inner initialisation and optimizer state, all derived from the seeds."""
+        cfg = task_config if task_config is not None else self.dist.config(self.split, self.task_index(i, episode))
         task = build_task(cfg)
         g = seeded("episode", self.seed, i, episode)
         length = max(1, self.schedule.sample(g))
@@ -155,9 +229,11 @@ class Estimator:
         """The population at step 0. With ``member_ids`` (a rank's shard) only those members are built;
         the others are ``None`` placeholders, so ``state.members[i]`` keeps its global index ``i``."""
         if member_ids is None:
-            return EstimatorState([self._new_member(theta, i, 0) for i in range(self.population)])
+            return EstimatorState([self.new_member(theta, i, 0) for i in range(self.population)])
         mine = set(member_ids)
-        return EstimatorState([self._new_member(theta, i, 0) if i in mine else None
+        for i in range(self.population):  # every rank knows every member's first task (sampler history)
+            self.task_index(i, 0)
+        return EstimatorState([self.new_member(theta, i, 0) if i in mine else None
                                for i in range(self.population)])
 
     def task_of(self, m: Member) -> Task:
@@ -186,49 +262,69 @@ class Estimator:
             state.nonfinite += 1
         if not finite or m.t >= m.length:
             state.episodes_done += 1
-            state.members[i] = self._new_member(theta, i, m.episode + 1)
+            state.members[i] = self.new_member(theta, i, m.episode + 1)
 
     # -- estimate ---------------------------------------------------------------------------
     def member_estimate(self, theta: Params, state: EstimatorState, i: int, step: int
                         ) -> tuple[Tree | None, dict]:
-        """``(gradient or None, {"meta_loss", "inner_loss", "nonfinite"})``: a member whose gradient is
-        None contributes nothing (its losses are None too) and ``nonfinite`` says why (None,
-        :data:`NONFINITE_LOSS` or :data:`NONFINITE_GRAD`)."""
+        """``(gradient or None, {"meta_loss", "inner_loss", "nonfinite"[, "log_losses"]})``: a member
+        whose gradient is None contributes nothing (its losses are None too) and ``nonfinite`` says why
+        (None, :data:`NONFINITE_LOSS` or :data:`NONFINITE_GRAD`); ``log_losses`` (only when the sampler
+        curates): :meth:`_log_losses` of the truncation."""
         raise NotImplementedError
 
-    def estimate(self, theta: Params, state: EstimatorState, step: int,
-                 member_ids: list[int] | None = None) -> tuple[Params, EstimatorState, dict]:
-        """Metrics: ``members_used`` (the gradient's member count, population-wide after
-        :attr:`reduce`; 0 means the gradient is all zeros and must not be applied), ``meta_loss`` /
-        ``inner_loss`` (means over this process's used members; None when it used none),
-        ``nonfinite_loss`` (truncations whose inner losses or parameters became non-finite),
-        ``nonfinite_grad`` (finite truncations whose meta-gradient was not), ``nonfinite`` (their sum)."""
+    def accumulate(self, theta: Params, state: EstimatorState, step: int,
+                   member_ids: list[int] | None = None) -> EstimateSums:
+        """Advance the members ``member_ids`` (default all) by one truncation and return their sums and
+        counts (:class:`EstimateSums`), unreduced: the caller reduces across processes, then averages."""
         theta = detach(theta)
         total, count = None, 0
-        metas, inners = [], []
+        meta_sum, meta_n, inner_sum, inner_n = 0.0, 0, 0.0, 0
         bad = {NONFINITE_LOSS: 0, NONFINITE_GRAD: 0}
+        episodes: list[EpisodeRecord] = []
         for i in member_ids if member_ids is not None else range(len(state.members)):
+            before, t0 = state.members[i], state.members[i].t
             g, info = self.member_estimate(theta, state, i, step)
+            if self.sampler.curated:
+                self._track_progress(state, i, before, t0, info, episodes)
             if info.get("nonfinite") is not None:
                 bad[info["nonfinite"]] += 1
             if g is not None:
                 total, count = _sum_trees(total, g), count + 1
-                metas.append(info["meta_loss"])
+                meta_sum, meta_n = meta_sum + info["meta_loss"], meta_n + 1
                 if info["inner_loss"] is not None:
-                    inners.append(info["inner_loss"])
-        total, count = self.reduce(total if total is not None else tree_map(torch.zeros_like, theta), count)
-        grad = tree_map(lambda t: t / max(count, 1), total)
-        metrics = {
-            "meta_loss": float(sum(metas) / len(metas)) if metas else None,
-            "inner_loss": float(sum(inners) / len(inners)) if inners else None,
-            "members_used": count,
-            "nonfinite": bad[NONFINITE_LOSS] + bad[NONFINITE_GRAD],
-            "nonfinite_loss": bad[NONFINITE_LOSS],
-            "nonfinite_grad": bad[NONFINITE_GRAD],
-            "episodes_done": state.episodes_done,
-        }
+                    inner_sum, inner_n = inner_sum + info["inner_loss"], inner_n + 1
+        return EstimateSums(total if total is not None else tree_map(torch.zeros_like, theta), count,
+                            meta_sum, meta_n, inner_sum, inner_n, bad[NONFINITE_LOSS], bad[NONFINITE_GRAD],
+                            state.episodes_done, episodes)
+
+    def estimate(self, theta: Params, state: EstimatorState, step: int,
+                 member_ids: list[int] | None = None) -> tuple[Params, EstimatorState, dict]:
+        """:meth:`accumulate` then the means, with no reduction (one process): ``(grad, state, metrics)``,
+        metrics as :meth:`EstimateSums.mean` names them."""
+        grad, metrics = self.accumulate(theta, state, step, member_ids).mean()
         return grad, state, metrics
 
+    # -- progress of episodes (read by a curating task sampler) ------------------------------
+    def _log_losses(self, task: Task, losses: Tensor) -> tuple[float, float]:
+        """Log normalised training loss after the truncation's first and last inner step, averaged over
+        the unrolls (ES: every signed one); a non-finite loss counts as the task's ceiling."""
+        v = meta_term(task, losses.detach(), "log_train")
+        v = v.reshape(-1, v.shape[-1])
+        return float(v[:, 0].mean()), float(v[:, -1].mean())
+
+    def _track_progress(self, state: EstimatorState, i: int, before: Member, t0: int, info: dict,
+                        episodes: list[EpisodeRecord]) -> None:
+        """Keep the episode's starting log-loss; when the episode ended, record its progress (end minus
+        start, log units) and the task index of the member's next episode."""
+        first, last = info["log_losses"]
+        start = first if t0 == 0 or before.start_log_loss is None else before.start_log_loss
+        after = state.members[i]
+        if after is before:  # episode goes on
+            before.start_log_loss = start
+            return
+        episodes.append(EpisodeRecord(i, before.episode, region_of(before.task_config), last - start,
+                                      self.task_index(i, after.episode)))
 
 class TruncatedBackprop(Estimator):
     """Exact gradient of each truncation's meta-loss. ``engine="autograd"`` (default, faster on CPU,
@@ -266,10 +362,11 @@ class TruncatedBackprop(Estimator):
         grad_finite = all_finite(g)
         m.params, m.opt_state = detach(params), detach(opt_state)
         self._advance(theta, state, i, n, finite and grad_finite)
+        progress = {"log_losses": self._log_losses(task, losses)} if self.sampler.curated else {}
         if not (finite and grad_finite):  # counted and restarted in _advance; contributes no gradient
             return None, {"meta_loss": None, "inner_loss": None,
-                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS}
-        return g, {"meta_loss": float(ml), "inner_loss": float(losses[-1].detach()), "nonfinite": None}
+                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS, **progress}
+        return g, {"meta_loss": float(ml), "inner_loss": float(losses[-1].detach()), "nonfinite": None, **progress}
 
 
 class TruncatedES(Estimator):
@@ -334,19 +431,20 @@ class TruncatedES(Estimator):
         g = self._grad(ml, direction)
         grad_finite = all_finite(g)
         self._advance(theta, state, i, n, finite and grad_finite)
+        progress = {"log_losses": self._log_losses(task, losses)} if self.sampler.curated else {}
         if not grad_finite:
             return None, {"meta_loss": None, "inner_loss": None,
-                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS}
+                          "nonfinite": NONFINITE_GRAD if finite else NONFINITE_LOSS, **progress}
         if not finite and bool((ml == ml[0]).all()):
             # every signed unroll scored the same (all diverged at once, each the worst meta-loss): the
             # estimate is exactly zero, carries no information and would only dilute the others
-            return None, {"meta_loss": None, "inner_loss": None, "nonfinite": NONFINITE_LOSS}
+            return None, {"meta_loss": None, "inner_loss": None, "nonfinite": NONFINITE_LOSS, **progress}
         # non-finite unrolls that differ from their partners still contribute (they score the worst
         # value); the logged inner loss is the mean final loss of the finite ones (None: none finite)
         last = losses[:, -1].detach()
         last = last[torch.isfinite(last)]
         return g, {"meta_loss": float(ml.mean()), "inner_loss": float(last.mean()) if last.numel() else None,
-                   "nonfinite": None if finite else NONFINITE_LOSS}
+                   "nonfinite": None if finite else NONFINITE_LOSS, **progress}
 
 
 class PES(TruncatedES):

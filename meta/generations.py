@@ -162,7 +162,7 @@ def train_task_indices(trainer: MetaTrainer, limit: int) -> list[int]:
     for e in range(last + 1):
         for i, m in enumerate(members):
             if e <= m["episode"]:
-                seen.setdefault(est._task_index(i, e), None)
+                seen.setdefault(est.task_index(i, e), None)
             if len(seen) >= limit:
                 return list(seen)
     return list(seen)

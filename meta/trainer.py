@@ -14,9 +14,11 @@ inner parameters / optimizer state / PES accumulators) plus JSON (configs, step,
 config and position). All randomness is derived from seeds and step/member indices, so there is no
 generator state to save and a resumed run reproduces an uninterrupted one exactly.
 
-Under ``torchrun`` (a process group from :mod:`meta.distributed`) each rank steps only its shard of the
-members (``self.member_ids``; the other slots of ``est_state.members`` are ``None``), the meta-gradient's
-``(sum, count)`` and the logged metrics are all-reduced, and :meth:`MetaTrainer.save` gathers every
+The estimator returns sums and counts (:meth:`~meta.estimators.Estimator.accumulate`); the trainer
+reduces them and takes the means. Under ``torchrun`` (a process group from :mod:`meta.distributed`)
+each rank steps only its shard of the members (``self.member_ids``; the other slots of
+``est_state.members`` are ``None``), the sums (meta-gradient, member count, losses, counters) are
+all-reduced, and :meth:`MetaTrainer.save` gathers every
 member to rank 0, which alone writes a checkpoint in the single-process format; :meth:`MetaTrainer.load`
 (rank 0 reads, broadcasts) keeps each rank's shard, so a run resumes under any number of processes.
 ``save`` and ``load`` are then collective: call them on every rank.
@@ -27,14 +29,17 @@ from __future__ import annotations
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
 from meta import distributed as D
 from meta.config import MetaConfig, RunConfig
-from meta.estimators import ESTIMATORS, ConstantSchedule, Estimator, EstimatorState, LogUniformSchedule, clip_meta_grad
+from meta.curation import TrailingTaskSampler, make_sampler
+from meta.estimators import (ESTIMATORS, ConstantSchedule, EstimateSums, Estimator, EstimatorState, LogUniformSchedule,
+                             clip_meta_grad)
 from optimizers import checkpoint as ckpt
 from optimizers.base import Optimizer, for_horizon
 from optimizers.errors import UserError
@@ -57,9 +62,11 @@ class MetaTrainingError(UserError, RuntimeError):
 def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:
     schedule = (ConstantSchedule(meta.horizon) if meta.schedule == "constant"
                 else LogUniformSchedule(meta.min_horizon, meta.max_horizon))
+    sampler = make_sampler(meta.curation, dist, seed=meta.seed, num_train_tasks=meta.num_train_tasks or None,
+                           floor=meta.curation_floor, every=meta.curation_every)
     kw: dict[str, Any] = dict(population=meta.population, truncation=meta.truncation, schedule=schedule,
                               meta_loss=meta.meta_loss, seed=meta.seed,
-                              num_train_tasks=meta.num_train_tasks or None)
+                              num_train_tasks=meta.num_train_tasks or None, sampler=sampler)
     if meta.estimator in ("es", "pes"):
         kw.update(sigma=meta.sigma, pairs=meta.pairs)
     return ESTIMATORS[meta.estimator](lopt, dist, **kw)
@@ -73,14 +80,51 @@ def outer_update_scale(meta: MetaConfig, outer_lo: LOConfig, override: float = 0
     return override or meta.outer_lr / outer_lo.nominal_lr
 
 
-def make_outer_optimizer(meta: MetaConfig, scale_override: float = 0.0) -> Optimizer:
-    """``adam`` or the path of a learned-optimizer checkpoint: that optimizer, bound to its weights and
-    scaled by :func:`outer_update_scale` (the one construction for the command line, a resumed run and
-    ``generations``)."""
-    if meta.outer_optimizer == "adam":
-        return Adam(lr=meta.outer_lr)
-    lopt, theta, _ = ckpt.load_learned_optimizer(meta.outer_optimizer)
-    return scale_updates(lopt.bind(theta), outer_update_scale(meta, lopt.config, scale_override))
+@dataclass(frozen=True)
+class OuterSpec:
+    """The outer optimizer in one value: ``kind`` ``adam`` (``scale`` is its learning rate) or ``learned``
+    (the checkpoint at ``path``, its updates multiplied by ``scale``). Logs and checkpoints name it by
+    :attr:`label`; :func:`make_outer_optimizer` builds it."""
+
+    kind: Literal["adam", "learned"]
+    path: str = ""
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("adam", "learned"):
+            raise ConfigError(f"outer optimizer kind must be adam or learned, got {self.kind!r}")
+        if self.kind == "learned" and not self.path:
+            raise ConfigError("a learned outer optimizer needs the path of its checkpoint")
+        if not self.scale > 0:
+            raise ConfigError(f"the outer optimizer's scale must be > 0, got {self.scale}")
+
+    @property
+    def label(self) -> str:
+        return "adam" if self.kind == "adam" else self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "scale": self.scale}
+
+    @classmethod
+    def from_config(cls, meta: MetaConfig, scale_override: float = 0.0,
+                    lo: LOConfig | None = None) -> "OuterSpec":
+        """``meta.outer_optimizer`` (``adam`` or a checkpoint path) as a spec; a learned one's scale is
+        :func:`outer_update_scale` of its config (``lo``, else read from the checkpoint)."""
+        if meta.outer_optimizer == "adam":
+            return cls("adam", "", meta.outer_lr)
+        if lo is None:
+            lo = ckpt.load_learned_optimizer(meta.outer_optimizer)[0].config
+        return cls("learned", meta.outer_optimizer, outer_update_scale(meta, lo, scale_override))
+
+
+def make_outer_optimizer(spec: OuterSpec) -> Optimizer:
+    """The one construction of an outer optimizer (the command line, a resumed run, ``generations``):
+    Adam at rate ``spec.scale``, or the learned optimizer at ``spec.path`` bound to its weights with its
+    updates scaled by ``spec.scale``."""
+    if spec.kind == "adam":
+        return Adam(lr=spec.scale)
+    lopt, theta, _ = ckpt.load_learned_optimizer(spec.path)
+    return scale_updates(lopt.bind(theta), spec.scale)
 
 
 def _fill(template: Any, flat: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -122,15 +166,28 @@ def _check_trainer_meta(meta: dict, cfg: RunConfig, path) -> None:
             raise bad(f"{k} must be a non-negative integer, got {v!r}")
 
 
+StepCallback = Callable[["MetaTrainer", dict], None]
+
+
 class MetaTrainer:
-    def __init__(self, cfg: RunConfig, outer: Optimizer | None = None, theta: Params | None = None):
+    """``outer``: an outer optimizer (built by the caller, e.g. a generation in memory), an
+    :class:`OuterSpec`, or None (the spec of ``cfg.meta.outer_optimizer``). ``step_callbacks`` are
+    called as ``callback(trainer, metrics)`` at the end of every step of :meth:`train`, after the
+    step's checkpoint (e.g. progress reports, or a test's fault injection)."""
+
+    def __init__(self, cfg: RunConfig, outer: Optimizer | OuterSpec | None = None, theta: Params | None = None,
+                 step_callbacks: list[StepCallback] | None = None):
         self.cfg = cfg
         self.lopt = LearnedOptimizer(cfg.lo)
         self.dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
         self.estimator = make_estimator(cfg.meta, self.lopt, self.dist)
+        self.step_callbacks: list[StepCallback] = list(step_callbacks or [])
         # a learned outer optimizer that sees the fraction of training runs for meta.outer_steps
         if outer is None:
-            outer = make_outer_optimizer(cfg.meta, cfg.gen.outer_scale)
+            outer = OuterSpec.from_config(cfg.meta, cfg.gen.outer_scale)
+        self.outer_spec: OuterSpec | None = outer if isinstance(outer, OuterSpec) else None
+        if isinstance(outer, OuterSpec):
+            outer = make_outer_optimizer(outer)
         self.outer = for_horizon(outer, cfg.meta.outer_steps)
         if cfg.meta.outer_decay > 0 and not getattr(self.outer, "horizon_aware", False):
             self.outer = WarmDown(self.outer, max(cfg.meta.outer_steps, 1), cfg.meta.outer_decay)
@@ -139,36 +196,32 @@ class MetaTrainer:
         self.outer_state = self.outer.init(self.theta)
         # sharding (no-op in a single process): this rank's members; gradients summed over ranks
         self.member_ids: list[int] = D.shard(range(cfg.meta.population))
-        self._local_count, self._local_seconds, self._step_t0 = 0, 0.0, 0.0
-        if D.active():
-            self.estimator.reduce = self._all_reduce_estimate
         self.est_state: EstimatorState = self.estimator.init(self.theta, self.member_ids if D.active() else None)
         self.step = 0
         self.bad_steps = 0  # consecutive outer steps with no usable member (population-wide)
         self.wandb_id: str | None = None
 
-    def _all_reduce_estimate(self, total: Params, count: int) -> tuple[Params, int]:
-        """``Estimator.reduce`` under a process group: one all-reduce of (gradient sum, member count)."""
-        self._local_count = count
-        self._local_seconds = time.perf_counter() - self._step_t0  # this rank's member work, before waiting
-        dtype = next(iter(total.values())).dtype
-        out = D.all_reduce_sum({"sum": total, "count": torch.tensor([float(count)], dtype=dtype)})
-        return out["sum"], round(float(out["count"][0]))
+    @property
+    def outer_label(self) -> str:
+        """How logs and checkpoints name the outer optimizer (the spec's label; a caller-built one: the
+        config's ``meta.outer_optimizer``)."""
+        return self.outer_spec.label if self.outer_spec is not None else self.cfg.meta.outer_optimizer
 
-    def _reduce_metrics(self, metrics: dict[str, Any]) -> None:
-        """Population-wide metrics on every rank (member-weighted means, summed counters; a mean over no
-        member is None)."""
-        n = self._local_count if metrics["meta_loss"] is not None else 0
-        ni = n if metrics["inner_loss"] is not None else 0
-        s = D.all_reduce_scalars([(metrics["meta_loss"] or 0.0) * n, n, (metrics["inner_loss"] or 0.0) * ni, ni,
-                                  metrics["nonfinite"], metrics["nonfinite_loss"], metrics["nonfinite_grad"],
-                                  metrics["episodes_done"]])
-        metrics.update(meta_loss=s[0] / s[1] if s[1] else None, inner_loss=s[2] / s[3] if s[3] else None,
-                       nonfinite=int(s[4]), nonfinite_loss=int(s[5]), nonfinite_grad=int(s[6]),
-                       episodes_done=int(s[7]))
-        # load balance: the step waits for the slowest shard
-        hi, neg_lo = D.all_reduce_scalars([self._local_seconds, -self._local_seconds], "max")
-        metrics.update(shard_seconds_max=hi, shard_seconds_min=-neg_lo)
+    @property
+    def sampler(self):
+        """The estimator's task sampler (:mod:`meta.curation`)."""
+        return self.estimator.sampler
+
+    def _reduce(self, sums: EstimateSums) -> tuple[EstimateSums, dict[str, Any]]:
+        """Population-wide sums on every rank (identity in one process) and, under a process group, the
+        shards' seconds of member work (the step waits for the slowest)."""
+        if not D.active():
+            return sums, {}
+        local_seconds = time.perf_counter() - self._step_t0  # this rank's member work, before waiting
+        gather = D.all_gather_object if self.sampler.curated else None
+        sums = sums.all_reduce(D.all_reduce_sum, D.all_reduce_scalars, gather)
+        hi, neg_lo = D.all_reduce_scalars([local_seconds, -local_seconds], "max")
+        return sums, {"shard_seconds_max": hi, "shard_seconds_min": -neg_lo}
 
     def _outer_loss(self, meta_loss: float | None) -> torch.Tensor | None:
         """The loss the outer optimizer is given (a learned one with loss features reads it, as it reads
@@ -182,12 +235,14 @@ class MetaTrainer:
     # ---- training ---------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        sharded = D.active()
         self._step_t0 = t0
-        grad, self.est_state, metrics = self.estimator.estimate(self.theta, self.est_state, self.step,
-                                                                self.member_ids if sharded else None)
-        if sharded:
-            self._reduce_metrics(metrics)
+        sums = self.estimator.accumulate(self.theta, self.est_state, self.step,
+                                         self.member_ids if D.active() else None)
+        sums, shard_metrics = self._reduce(sums)
+        grad, metrics = sums.mean()
+        metrics.update(shard_metrics)
+        if self.sampler.curated:  # every rank folds the same (gathered) episodes in the same order
+            self.sampler.observe(sums.episodes)
         if metrics["members_used"] == 0:
             # no usable member anywhere (members_used is population-wide): the gradient is an empty
             # average, so theta and the outer optimizer's state are left as they are; the step counts
@@ -201,6 +256,8 @@ class MetaTrainer:
                                                              loss=self._outer_loss(metrics["meta_loss"]))
             self.theta = {k: v.detach() for k, v in self.theta.items()}
         self.step += 1
+        if self.sampler.curated and self.sampler.refresh(self.step):
+            metrics["curation_max_prob"] = max(self.sampler.probs)
         metrics.update(grad_norm=norm, step_time=time.perf_counter() - t0)
         if "nominal_log_lr" in self.theta:
             metrics["nominal_lr"] = float(self.theta["nominal_log_lr"].exp())
@@ -238,7 +295,8 @@ class MetaTrainer:
                         f"nonfinite_loss={m['nonfinite_loss']}, nonfinite_grad={m['nonfinite_grad']}), so theta "
                         f"was not updated. Checkpoint at step {self.step} written to {path}. Check the learned "
                         f"optimizer's settings (e.g. lo.output_init_scale, lo.nominal_lr) or the task distribution")
-                D.maybe_inject_fault(self.step)  # test-only hook (OUROBOROS_TEST_FAULT); no-op otherwise
+                for callback in self.step_callbacks:
+                    callback(self, m)
         finally:
             bar.close()
         return self.step
@@ -259,6 +317,8 @@ class MetaTrainer:
             for part in ("params", "opt_state", "extra"):
                 for k, v in flatten(getattr(m, part)).items():
                     t[f"members/{i}/{part}/{k}"] = v
+        if isinstance(self.sampler, TrailingTaskSampler):  # the same on every rank
+            t.update(self.sampler.state_tensors())
         return t
 
     def member_scalars(self) -> list[dict]:
@@ -315,6 +375,10 @@ class MetaTrainer:
             "wandb_id": self.wandb_id,
             "distribution_digest": self.dist.digest(),
         }
+        if self.outer_spec is not None and self.outer_spec.kind == "learned":  # adam: the config says it all
+            meta["outer_optimizer"] = self.outer_spec.to_dict()
+        if isinstance(self.sampler, TrailingTaskSampler):
+            meta["curation"] = self.sampler.state_json()
         # rank 0 writes; every rank returns the path or raises the same error
         return D.run_on_main(ckpt.save, path or self.checkpoint_path, tensors, meta)
 
@@ -334,6 +398,14 @@ class MetaTrainer:
             cfg = adjust(cfg) if adjust is not None else cfg
         _check_trainer_meta(meta, cfg, path)
         self = cls(cfg, outer=outer)
+        if isinstance(self.sampler, TrailingTaskSampler):  # before the members: it knows their tasks
+            if "curation" not in meta:
+                raise ckpt.CheckpointError(f"{path}: meta.curation is trailing but the checkpoint has no "
+                                           f"curation statistics")
+            try:
+                self.sampler.load_state(tensors, meta["curation"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ckpt.CheckpointError(f"{path}: invalid curation statistics: {e}") from e
         self.theta = _fill(self.theta, tensors, "theta")
         self.theta0 = _fill(self.theta0, tensors, "theta0")
         self.outer_state = _fill(self.outer.init(self.theta), tensors, "outer")
@@ -343,8 +415,8 @@ class MetaTrainer:
             if i not in mine:
                 members.append(None)
                 continue
-            m = self.estimator._new_member(self.theta, i, sc["episode"])
-            m.task_config, m.t, m.length, m.task = sc["task_config"], sc["t"], sc["length"], None
+            m = self.estimator.new_member(self.theta, i, sc["episode"], task_config=sc["task_config"])
+            m.t, m.length, m.start_log_loss = sc["t"], sc["length"], sc.get("start_log_loss")
             m.params = _fill(m.params, tensors, f"members/{i}/params")
             m.opt_state = _fill(m.opt_state, tensors, f"members/{i}/opt_state")
             if m.extra:

@@ -17,9 +17,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 K_STEPS = 3
-CASES = {  # estimator -> population (3: uneven shards 2 + 1; 4: 2 + 2, a different summation order)
-    "tbptt": 3,
-    "pes": 4,
+CASES = {  # case -> (estimator, population, overrides); 3: uneven shards 2 + 1; 4: 2 + 2, another summation order
+    "tbptt": ("tbptt", 3, {}),
+    "pes": ("pes", 4, {}),
+    # curated task sampling: every rank must fold the same episodes into the same statistics and draw
+    # the same tasks (refreshed every step here, so a divergence would show at once)
+    "curated": ("tbptt", 3, {"meta.curation": "trailing", "meta.curation_every": 1}),
 }
 
 
@@ -37,13 +40,14 @@ class RecordingOuter:
         return self.inner.update(grads, state, params, **kw)
 
 
-def config(estimator: str, out_dir: str):
+def config(case: str, out_dir: str):
     from meta.config import RunConfig, apply_overrides
 
+    estimator, population, over = CASES[case]
     return apply_overrides(RunConfig(), {
-        "meta.estimator": estimator, "meta.population": CASES[estimator], "meta.truncation": 3,
+        "meta.estimator": estimator, "meta.population": population, "meta.truncation": 3,
         "meta.horizon": 5, "meta.outer_steps": K_STEPS, "lo.hidden_width": 8, "lo.hidden_layers": 1,
-        "out_dir": out_dir, "wandb": "disabled", "meta.distribution": "quadratics",
+        "out_dir": out_dir, "wandb": "disabled", "meta.distribution": "quadratics", **over,
     })
 
 
@@ -69,6 +73,10 @@ def compute(out_dir: str) -> dict:
                     "member_scalars": tr.member_scalars(),  # collective: every member on every rank
                     "reloaded_theta": again.theta,
                     "reloaded_members": [m is not None for m in again.est_state.members]}
+        if tr.sampler.curated:  # the sampler's statistics and task history, and their restored copy
+            res[est]["sampler"] = {k: getattr(tr.sampler, k) for k in ("progress", "counts", "probs", "history")}
+            res[est]["reloaded_sampler"] = {k: getattr(again.sampler, k) for k in ("progress", "counts", "probs",
+                                                                                   "history")}
     lopt = LearnedOptimizer(LOConfig(hidden_width=8, hidden_layers=1))
     theta = lopt.init_theta(0)
     with torch.no_grad():

@@ -28,6 +28,8 @@ from meta import distributed as D
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV_FAULT = "OUROBOROS_TEST_FAULT"  # read by the launcher below, never by the library
+FAULT_LAUNCHER = str(ROOT / "tests" / "_fault_launcher.py")  # runs train.py with the fault planted
 
 pytestmark = pytest.mark.skipif(not (D._dist().is_available() and D._dist().is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -36,7 +38,7 @@ pytestmark = pytest.mark.skipif(not (D._dist().is_available() and D._dist().is_g
 def _env(**extra) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
            D.ENV_TIMEOUT: "60"}
-    env.pop(D.ENV_FAULT, None)
+    env.pop(ENV_FAULT, None)
     env.update(extra)
     return env
 
@@ -85,7 +87,7 @@ def _close(a: dict, b: dict, rtol=1e-5, atol=1e-6) -> None:
         torch.testing.assert_close(v, b[k], rtol=rtol, atol=atol, msg=k)
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "pes"])
+@pytest.mark.parametrize("estimator", ["tbptt", "pes", "curated"])
 def test_two_processes_match_one(sharded_and_single, estimator):
     ranks, single, _ = sharded_and_single
     ref = single[estimator]
@@ -103,6 +105,15 @@ def test_two_processes_match_one(sharded_and_single, estimator):
         assert got["meta_loss"] == pytest.approx(ref["meta_loss"], rel=1e-5, abs=1e-6)
     for k in ranks[0][estimator]["theta"]:  # ranks hold bit-identical meta-parameters
         assert torch.equal(ranks[0][estimator]["theta"][k], ranks[1][estimator]["theta"][k])
+    if "sampler" in ref:  # curated: the same statistics, probabilities and task history on every rank
+        assert sum(ref["sampler"]["counts"]) > 0
+        for r in ranks:
+            assert r[estimator]["sampler"]["history"] == ref["sampler"]["history"]
+            assert r[estimator]["sampler"]["counts"] == ref["sampler"]["counts"]
+            assert r[estimator]["sampler"]["progress"] == pytest.approx(ref["sampler"]["progress"], rel=1e-6)
+            assert r[estimator]["sampler"]["probs"] == pytest.approx(ref["sampler"]["probs"], rel=1e-6)
+            assert r[estimator]["reloaded_sampler"] == r[estimator]["sampler"]
+        assert ranks[0][estimator]["sampler"] == ranks[1][estimator]["sampler"]
 
 
 def test_checkpoint_from_two_processes_is_complete_and_resumes_anywhere(sharded_and_single):
@@ -175,13 +186,13 @@ def test_killed_rank_stops_the_job_and_relaunch_resumes(tmp_path, uninterrupted)
     out = tmp_path / "run"
     fault = f"rank=1,step=3,once={tmp_path / 'fired'}"
     t0 = time.time()
-    r = _run([*TORCHRUN, *_cli(out)], **{D.ENV_FAULT: fault})
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_cli(out)], **{ENV_FAULT: fault})
     assert r.returncode != 0 and (tmp_path / "fired").exists()
     assert time.time() - t0 < 60  # the survivor did not wait for the dead rank
     from optimizers import checkpoint as ckpt
 
     assert ckpt.load(out / "checkpoint")[1]["step"] == 2  # the last checkpoint before the fault
-    r = _run([*TORCHRUN, *_cli(out)], **{D.ENV_FAULT: fault})  # the very same command
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_cli(out)], **{ENV_FAULT: fault})  # the very same command
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at step 2/6" in r.stdout
     _same_checkpoints(out / "checkpoint", uninterrupted / "checkpoint")
@@ -191,8 +202,8 @@ def test_killed_rank_stops_the_job_and_relaunch_resumes(tmp_path, uninterrupted)
 
 def test_torchrun_max_restarts_resumes_automatically(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    cmd = [*TORCHRUN, "--max-restarts", "1", *_cli(out)[:-2]]  # no --resume: restarts resume by themselves
-    r = _run(cmd, **{D.ENV_FAULT: f"rank=1,step=3,once={tmp_path / 'fired'}"})
+    cmd = [*TORCHRUN, "--max-restarts", "1", FAULT_LAUNCHER, *_cli(out)[:-2]]  # no --resume: restarts resume
+    r = _run(cmd, **{ENV_FAULT: f"rank=1,step=3,once={tmp_path / 'fired'}"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "fired").exists() and "resumed from" in r.stdout
     _same_checkpoints(out / "checkpoint", uninterrupted / "checkpoint")
@@ -278,10 +289,10 @@ def test_generations_under_two_processes_match_one_and_resume_after_a_killed_ran
     assert r.returncode == 0, r.stderr[-3000:]
     two = tmp_path / "two"
     fault = f"rank=1,step=3,once={tmp_path / 'fired'}"  # dies in generation 0's meta-training, after step 3
-    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_generations_cli(two)], **{ENV_FAULT: fault})
     assert r.returncode != 0 and (tmp_path / "fired").exists()
     assert not (two / "lineage" / "entries").exists()  # nothing half-written reached the lineage
-    r = _run([*TORCHRUN, *_generations_cli(two)], **{D.ENV_FAULT: fault})  # the very same command
+    r = _run([*TORCHRUN, FAULT_LAUNCHER, *_generations_cli(two)], **{ENV_FAULT: fault})  # the very same command
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "gen 0 candidate: meta-training by adam for 4 outer steps (from step 2)" in r.stdout
     assert "| 1 | adopted (incumbent) | gen-0 |" in (two / "report.md").read_text()

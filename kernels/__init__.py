@@ -97,6 +97,25 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
     return True, f"{name!r} passed the GPU check ({GPU_CHECKS.name})"
 
 
+def kernel_refusal(requested: bool | None, device: torch.device) -> str | None:
+    """None when the Triton kernels may run on ``device`` given the caller's ``kernels`` setting
+    (``requested``: None = automatic, :func:`kernel_decision`; True = wherever they can run; False =
+    never), else why not. The whole policy lives in this package so that every front end
+    (``BoundLearnedOptimizer``, the ``torch.optim`` drop-in) decides alike."""
+    if requested is None:
+        use, why = kernel_decision(device)
+        return None if use else f"kernels not chosen for {device}: {why}"
+    if not requested:
+        return "kernels=False"
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return f"{ENV}=0"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return f"device {device} needs TRITON_INTERPRET=1"
+    if not triton_available():
+        return "triton not importable"
+    return None
+
+
 def use_kernels(device: torch.device | str | None) -> bool:
     """Whether the fused Triton step should be used for tensors on ``device`` (:func:`kernel_decision`)."""
     return kernel_decision(device)[0]
@@ -108,5 +127,6 @@ def describe_step_path(device: torch.device | str) -> str:
     return f"learned-optimizer step: {'fused Triton kernels' if use else 'PyTorch'} ({why})"
 
 
-__all__ = ["use_kernels", "kernel_decision", "describe_step_path", "recorded_checks", "triton_available",
+__all__ = ["use_kernels", "kernel_decision", "kernel_refusal", "describe_step_path", "recorded_checks",
+           "triton_available",
            "ENV", "GPU_CHECKS"]

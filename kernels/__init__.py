@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -39,6 +40,17 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs through its interpreter in this process: ``TRITON_INTERPRET`` is set, or
+    triton was imported while it was. Triton decides when a function is decorated (its own library
+    functions at import), so unsetting the variable later does not bring the compiler back; the tests
+    set it only around their kernel imports and tests (``tests/triton_interpreter.py``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    tl = sys.modules.get("triton.language")
+    return type(getattr(getattr(tl, "standard", None), "sum", None)).__name__ == "InterpretedFunction"
 
 
 # Device classes on which the compiled kernels passed `python -m kernels.check_lo_step --record`
@@ -85,6 +97,8 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
     device = torch.device(device)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False, "TRITON_INTERPRET is set (interpreted launches are for tests)"
+    if triton_interpreted():
+        return False, "triton was imported under TRITON_INTERPRET in this process (interpreted launches are for tests)"
     if device.type != "cuda":
         return False, f"{device.type} device (the kernels are for CUDA; {ENV}=1 with TRITON_INTERPRET=1 to test)"
     try:
@@ -128,5 +142,5 @@ def describe_step_path(device: torch.device | str) -> str:
 
 
 __all__ = ["use_kernels", "kernel_decision", "kernel_refusal", "describe_step_path", "recorded_checks",
-           "triton_available",
+           "triton_available", "triton_interpreted",
            "ENV", "GPU_CHECKS"]

@@ -2,7 +2,8 @@
 population step (kernels.lo_step_population) == per-member reference; ``train.py bench-kernels``.
 
 Runs the kernels through the Triton interpreter like ``tests/test_kernels.py`` (whose setup and helpers
-this module reuses: importing it sets ``TRITON_INTERPRET=1`` before triton is imported). Tiles are tiny
+this module reuses: importing it imports the kernels under the interpreter; the ``triton_interpreter``
+marker sets ``TRITON_INTERPRET=1`` for each test only). Tiles are tiny
 so loops, masked tails and several chunks per tensor occur on tensors of a few dozen elements.
 
 Tolerances: the interpreter computes ``tl.dot`` exactly whatever the precision, so these tests check the
@@ -31,7 +32,8 @@ from optimizers.learned import LearnedOptimizer, LOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # masked tail lanes of the interpreted kernels compute 0/0 (never stored)
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.triton_interpreter,  # TRITON_INTERPRET=1 for each test (tests/conftest.py)
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 RTOL_IEEE = 2e-5
 STATE_KEYS = ("m", "v", "row", "col")
 

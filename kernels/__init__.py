@@ -8,8 +8,15 @@
   (Triton or reference forward; Triton backward or the *reference backward*, recomputation +
   ``torch.autograd.grad``).
 * :mod:`kernels.lo_step_population`: P members under P weight sets (ES / PES) in one set of launches.
-* :mod:`kernels.bench_lo_step`: CUDA benchmark (forward: eager / compiled reference, Triton, fused AdamW;
-  backward; population), also ``python train.py bench-kernels``.
+* :mod:`kernels.lo_step_common`: what the three Triton modules share (layouts, Triton building blocks,
+  host tables).
+
+The specification they implement (config, feature table, accumulator rules) is
+:mod:`optimizers.lo_spec`, the one module of ``optimizers`` that ``kernels`` imports. The tools around
+the kernels live beside the other benchmarks: ``bench/bench_lo_step.py`` (CUDA benchmark, also
+``python train.py bench-kernels``), ``bench/check_lo_step.py`` (compiled kernels against the reference on
+a GPU; ``--record`` writes :data:`GPU_CHECKS`) and ``bench/compile_check.py`` (compile every variant
+without a GPU).
 
 Importing this package does not import triton; :func:`use_kernels` does, once, when asked.
 Dispatch: ``LearnedOptimizer.bind(theta, kernels=None|True|False, precision=...)`` and
@@ -53,7 +60,7 @@ def triton_interpreted() -> bool:
     return type(getattr(getattr(tl, "standard", None), "sum", None)).__name__ == "InterpretedFunction"
 
 
-# Device classes on which the compiled kernels passed `python -m kernels.check_lo_step --record`
+# Device classes on which the compiled kernels passed `python bench/check_lo_step.py --record`
 # (committed with the repository): only there does the automatic choice use them.
 GPU_CHECKS = Path(__file__).with_name("gpu_checks.json")
 
@@ -76,7 +83,7 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
     """``(use the fused Triton step on device, why)``.
 
     Default: on a CUDA device whose name has a recorded passing check (:data:`GPU_CHECKS`, written by
-    ``python -m kernels.check_lo_step --record`` on that device), when triton imports and
+    ``python bench/check_lo_step.py --record`` on that device), when triton imports and
     ``TRITON_INTERPRET`` is not set (under the interpreter every launch would run in Python); elsewhere
     the PyTorch step. Why a record: kernels that never ran on a device class are not trusted by
     default. ``OUROBOROS_KERNELS=0`` turns the kernels off everywhere; ``OUROBOROS_KERNELS=1`` turns
@@ -107,7 +114,7 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
         return False, f"cannot query {device}: {e}"
     if name not in recorded_checks():
         return False, (f"no recorded passing GPU check for {name!r} in {GPU_CHECKS.name} (run "
-                       f"`python -m kernels.check_lo_step --record` on it, or {ENV}=1 to use them anyway)")
+                       f"`python bench/check_lo_step.py --record` on it, or {ENV}=1 to use them anyway)")
     return True, f"{name!r} passed the GPU check ({GPU_CHECKS.name})"
 
 

@@ -41,7 +41,7 @@ PyTorch does what is left, all of it small or a plain reduction:
 Traffic per element (fp32, default config): B0 reads g, p, m (3), v; B1 the same plus dp; B3 the same
 plus dp, dm (3), dv and writes dp, dg, dm (3), dv. Compute: the MLP forward twice and its backward twice.
 
-Registers (``python -m kernels.compile_check --ptxas-info --full``, sm_90, Triton 3.9, block 64, 4 warps,
+Registers (``python bench/compile_check.py --ptxas-info --full``, sm_90, Triton 3.9, block 64, 4 warps,
 H = 32): B1 ``tf32`` 255 registers and ~480 bytes of spills (it keeps the [32, H] and [H, H] gradient
 accumulators live across the chunk loop), B3 ``tf32`` 255 and ~200 bytes; 8 warps or block 32 roughly
 halve the spills but do not remove them; ``ieee`` spills more. Tile sizes for the backward are still to

@@ -40,11 +40,11 @@ Traffic per element (fp32): K3 reads g, p, m (3), v; K5 reads them again and wri
 against the 44 a single pass would need (features cannot be kept: 28 floats per element). K1 reads
 the gradient of a factored tensor twice more (row and column sums): 76 bytes for matrices.
 
-Registers (``python -m kernels.compile_check --ptxas-info``, sm_90, Triton 3.9): main kernel with
+Registers (``python bench/compile_check.py --ptxas-info``, sm_90, Triton 3.9): main kernel with
 ``tf32`` / block 64 / 4 warps, default config (controller, rms step scale): 127, no spills (the legacy
 additive design: 126; the normalized design's ``MODE=1`` pass: 140); ``ieee`` (fp32 FMA dot) spills at every tile size
 tried: it is the exact mode for tests, ``tf32`` the fast one. No GPU timings exist yet: tune with
-``python -m kernels.bench_lo_step --tune``.
+``python bench/bench_lo_step.py --tune``.
 
 Limits (checked by :func:`unsupported`): fp32 state, fp32/bf16/fp16 parameters and gradients, at most
 3 momentum / 3 adafactor decays, hidden_width a power of two in [16, 256], hidden_layers >= 1, fewer

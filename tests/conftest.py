@@ -5,10 +5,14 @@ duration only (``tests/triton_interpreter.py`` says why), so no test changes the
 tests that follow it in the same process.
 """
 
+import os
+
 import pytest
 import torch
 
-from triton_interpreter import interpreter
+from triton_interpreter import ENV, interpreter
+
+_ENV_AT_START = os.environ.get(ENV)  # what every test outside the marker must see
 
 
 def pytest_configure(config):
@@ -27,6 +31,11 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _triton_interpreter(request):
     if request.node.get_closest_marker("triton_interpreter") is None:
+        # a guard: a test (or a test module's import) that left the variable changed would otherwise
+        # switch the kernel dispatch of every later test silently
+        assert os.environ.get(ENV) == _ENV_AT_START, (
+            f"{ENV} changed from {_ENV_AT_START!r} to {os.environ.get(ENV)!r} by an earlier test or test "
+            f"module: set it through the triton_interpreter marker (tests/triton_interpreter.py)")
         yield
         return
     with interpreter():

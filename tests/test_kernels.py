@@ -266,21 +266,21 @@ def test_use_kernels_env(monkeypatch):
 
 
 def test_bench_script_parses_and_needs_cuda(tmp_path):
-    from kernels import bench_lo_step
+    from bench import bench_lo_step
 
     args = bench_lo_step.parse_args(["--sizes", "1e6,4e6", "--repeats", "5", "--out", str(tmp_path)])
     assert args.sizes == [1_000_000, 4_000_000] and args.repeats == 5
     assert bytes_per_element(LOConfig())["minimum"] == 44
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the no-CUDA exit path is not reachable here")
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench_lo_step", "--sizes", "1e6"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_lo_step.py"), "--sizes", "1e6"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "CUDA" in proc.stderr
 
 
 def test_bench_roofline_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from kernels import bench_lo_step
+    from bench import bench_lo_step
 
     m = {"median_s": 0.02, "TFLOP_per_s": 23.0, "bytes": 4.4e9}
     result = {"device": "test", "copy_bandwidth_GB_per_s": 3000.0,
@@ -297,7 +297,7 @@ def _timing(ms: float, frac: float = 0.5) -> dict:
 
 def test_bench_targets_table():
     """Each target's status follows from the timings, and a target with no measurement says so."""
-    from kernels import bench_lo_step as b
+    from bench import bench_lo_step as b
 
     fwd = {"params": 31_000_000, "methods": {
         "reference": _timing(100.0), "reference_compiled": _timing(9.0), "triton_ieee": _timing(2.0, 0.9),
@@ -337,7 +337,7 @@ def test_bench_main_writes_json_table_and_plot_after_every_row(monkeypatch, tmp_
     """``main``'s bookkeeping on a pretend device (the timed functions are stubbed): every mode's rows
     land in the JSON and the Markdown table as they finish, so a run cut off by a time limit keeps them."""
     pytest.importorskip("matplotlib")
-    from kernels import bench_lo_step as b
+    from bench import bench_lo_step as b
 
     monkeypatch.setattr(b.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(b.torch.cuda, "current_device", lambda: 0)
@@ -373,7 +373,7 @@ def test_kernels_compile_for_sm90():
     """The real compiler (no GPU needed) accepts every kernel variant the interpreter runs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_check.py"), "--arch", "90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:
         pytest.skip(f"no ahead-of-time compilation with this triton: {proc.stderr.strip()[-300:]}")
@@ -623,7 +623,7 @@ def test_automatic_dispatch_trusts_only_recorded_gpu_checks(monkeypatch, tmp_pat
     import json as _json
 
     import kernels as K
-    from kernels.check_lo_step import record_pass
+    from bench.check_lo_step import record_pass
 
     monkeypatch.delenv(K.ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

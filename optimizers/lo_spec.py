@@ -382,5 +382,7 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
             feats.append(torch.rsqrt(col_b + 1e-8))
         elif name == "fac_mom":
             feats.append(m[:nmf] * fac[:nmf])
-    # (channels, *shape) -> (n, channels); the explicit channel count also covers 0-element tensors
+    # (channels, *shape) -> (n, channels); the explicit channel count also covers 0-element tensors.
+    # A plain reshape, not einops.rearrange: this runs every step, where rearrange's parsing measured
+    # ~10 us more per call (1.7x) for the same view.
     return torch.cat(feats, dim=0).reshape(cfg.num_element_features, g.numel()).transpose(0, 1)

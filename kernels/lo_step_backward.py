@@ -8,7 +8,8 @@ calls it (``backward="triton"``); the PyTorch reference backward stays beside it
 
 Launches (all tensors of a dtype group at once, the forward's multi-tensor tables):
 
-B0 ``stats_kernel`` + ``scale_kernel`` (the forward's)  the per-tensor feature scales, recomputed.
+B0 ``stats_kernel`` + ``scale_kernel`` (the forward's, :mod:`kernels.lo_step_common`)  the per-tensor
+                          feature scales, recomputed.
 B1 ``_bwd_theta_kernel``  per element block: features, the MLP forward (activations recomputed, never
                           stored), the update's derivative, the MLP backward with ``tl.dot``; per program
                           the partial sums of every theta gradient and of ``sum_i dL/dxn_ic * x_ic``

@@ -317,7 +317,7 @@ def tanh_stable(x):
 @dataclass(frozen=True)
 class Blocks:
     """Tile sizes. GPU defaults; the tests use small ones so that the interpreter exercises loops,
-    tails and segments on tiny tensors."""
+    tails and segments on tiny tensors. K1..K5: the forward's launches (:mod:`kernels.lo_step_triton`)."""
 
     block: int = 64  # elements per MLP tile (the M of tl.dot; >= 16)
     chunk_iters: int = 8  # element blocks per program of the stats/main kernels

@@ -9,10 +9,10 @@ K1 ``_fac_partial_kernel``   factored (rank >= 2) tensors: partial sums of ``g^2
                              (deterministic, no atomics).
 K2 ``_fac_finalize_kernel``  sums the segments, updates the row / column accumulators in place and
                              writes the row factor ``rsqrt(max(row / mean_a(row), 1e-9))`` to scratch.
-K3 ``stats_kernel``         per element: new momenta / rms / (rank < 2) second moments and the 28
+K3 ``stats_kernel``          per element: new momenta / rms / (rank < 2) second moments and the 28
                              canonical features built in registers; per chunk the sum of squares of
                              every channel (nothing else is written).
-K4 ``scale_kernel``         per tensor: ``scale = rsqrt(1e-5 + sum(x^2) / n)`` per channel, and the
+K4 ``scale_kernel``          per tensor: ``scale = rsqrt(1e-5 + sum(x^2) / n)`` per channel, and the
                              tensor's step scale (``step_scale`` "rms": from the ``param`` channel's
                              ``sum(p^2)``; "width": from the largest dim; rank < 2: exp(vector_log_lr)).
 K5 ``_main_kernel``          per element block: features again, ``x * scale``, the MLP with ``tl.dot``
@@ -26,7 +26,8 @@ written) and ``_dnorm_kernel`` (per tensor ``rsqrt(mean(d^2) + 1e-12)``): one mo
 
 Population (:mod:`kernels.lo_step_population`): meta column 11 holds each table entry's member index;
 K5 reads that member's weights and step constants from stacked buffers (0 for a single weight set).
-The backward kernels live in :mod:`kernels.lo_step_backward`.
+The backward kernels live in :mod:`kernels.lo_step_backward`; K3, K4 and the building blocks the
+backward reuses (features, table pointers, host tables) in :mod:`kernels.lo_step_common`.
 
 The 28 features are assembled into one ``[BLOCK, 32]`` register tile by a tree of ``tl.join``; the
 tree's column order is the bit reversal of the canonical slot, which the host folds into the row

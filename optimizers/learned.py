@@ -246,7 +246,7 @@ class BoundLearnedOptimizer:
             return reason
         if set(grads) != set(params):
             return "gradients and parameters have different names"
-        from kernels.lo_step_triton import unsupported
+        from kernels.lo_step_common import unsupported
 
         return unsupported(self.config, params, grads, state)
 

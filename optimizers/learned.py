@@ -27,6 +27,10 @@ vmapped over a population axis, and used as the outer optimizer of meta-training
 Bounds that hold by construction live here (not in the governor): gradients are sanitised and clipped
 before entering the accumulators, every feature is normalised, and the final per-element update is
 clamped to ``max_update``.
+
+The specification (:class:`LOConfig`, the feature table, the per-element features and accumulator
+layout) lives in :mod:`optimizers.lo_spec`, shared with the fused kernels (:mod:`kernels`); this module
+is the PyTorch step and the dispatch to the kernels, and re-exports the specification's names.
 """
 
 from __future__ import annotations

@@ -240,6 +240,26 @@ def test_kernel_tf32_option_and_edge_cases():
     assert lt.unsupported(LOConfig(hidden_width=24), params) is not None
 
 
+def test_feature_slots_follow_the_specification_table():
+    """The kernels' canonical slots and ``LOConfig.num_inputs`` both come from ``group_channels``: every
+    config's channels land on distinct slots of the 28, one per input channel, in the config's order."""
+    from kernels.lo_step_reference import NUM_SLOTS, feature_slots
+    from optimizers.lo_spec import FEATURE_GROUPS, ConfigError, group_channels
+
+    assert NUM_SLOTS == sum(group_channels(g, 3, 3) for g in FEATURE_GROUPS) == 28
+    full = feature_slots(LOConfig())
+    assert full == list(range(NUM_SLOTS))  # the default: every group at 3 decays, slots in order
+    for cfg in (LOConfig(momentum_decays=(0.9,), adafactor_decays=(0.5, 0.9)),
+                LOConfig(features=("fac_mom", "grad", "row"), momentum_decays=(0.9, 0.99)),
+                LOConfig(time_features="none", loss_features="ema")):
+        slots = feature_slots(cfg)
+        assert len(slots) == len(set(slots)) == cfg.num_element_features
+        assert cfg.num_inputs == cfg.num_element_features + cfg.num_step_features
+        assert all(0 <= s < NUM_SLOTS for s in slots)
+    with pytest.raises(ConfigError, match="unknown feature group"):
+        group_channels("momentun", 3, 3)
+
+
 @needs_triton
 def test_feature_tile_layout():
     """Column j of the joined tile is slot bitreverse5(j) (the host folds this into w0's rows)."""

@@ -231,10 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why (recorded)")
 
     sub.add_parser("presets", help="print the presets as JSON")
-    # its own options live in kernels/bench_lo_step.py (main() hands the arguments over; see --help there)
+    # its own options live in bench/bench_lo_step.py (main() hands the arguments over; see --help there)
     sub.add_parser("bench-kernels", add_help=False,
                    help="CUDA benchmark of the fused LO-step kernels: forward, backward (meta-training inner "
-                        "steps), population (kernels/bench_lo_step.py; see 'bench-kernels --help')")
+                        "steps), population (bench/bench_lo_step.py; see 'bench-kernels --help')")
     return parser
 
 
@@ -648,7 +648,7 @@ def safety_command(args, lineage) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench-kernels":  # exit 0 without CUDA (message, nothing measured)
-        from kernels.bench_lo_step import main as bench_main
+        from bench.bench_lo_step import main as bench_main  # a tool beside the library (bench/)
 
         return bench_main(argv[1:], prog="train.py bench-kernels", no_cuda_status=0)
     if not argv or argv[0].startswith("--") and argv[0] not in ("-h", "--help"):

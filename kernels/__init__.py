@@ -8,8 +8,15 @@
   (Triton or reference forward; Triton backward or the *reference backward*, recomputation +
   ``torch.autograd.grad``).
 * :mod:`kernels.lo_step_population`: P members under P weight sets (ES / PES) in one set of launches.
-* :mod:`kernels.bench_lo_step`: CUDA benchmark (forward: eager / compiled reference, Triton, fused AdamW;
-  backward; population), also ``python train.py bench-kernels``.
+* :mod:`kernels.lo_step_common`: what the three Triton modules share (layouts, Triton building blocks,
+  host tables).
+
+The specification they implement (config, feature table, accumulator rules) is
+:mod:`optimizers.lo_spec`, the one module of ``optimizers`` that ``kernels`` imports. The tools around
+the kernels live beside the other benchmarks: ``bench/bench_lo_step.py`` (CUDA benchmark, also
+``python train.py bench-kernels``), ``bench/check_lo_step.py`` (compiled kernels against the reference on
+a GPU; ``--record`` writes :data:`GPU_CHECKS`) and ``bench/compile_check.py`` (compile every variant
+without a GPU).
 
 Importing this package does not import triton; :func:`use_kernels` does, once, when asked.
 Dispatch: ``LearnedOptimizer.bind(theta, kernels=None|True|False, precision=...)`` and
@@ -23,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -41,7 +49,18 @@ def triton_available() -> bool:
     return True
 
 
-# Device classes on which the compiled kernels passed `python -m kernels.check_lo_step --record`
+def triton_interpreted() -> bool:
+    """Whether Triton runs through its interpreter in this process: ``TRITON_INTERPRET`` is set, or
+    triton was imported while it was. Triton decides when a function is decorated (its own library
+    functions at import), so unsetting the variable later does not bring the compiler back; the tests
+    set it only around their kernel imports and tests (``tests/triton_interpreter.py``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True
+    tl = sys.modules.get("triton.language")
+    return type(getattr(getattr(tl, "standard", None), "sum", None)).__name__ == "InterpretedFunction"
+
+
+# Device classes on which the compiled kernels passed `python bench/check_lo_step.py --record`
 # (committed with the repository): only there does the automatic choice use them.
 GPU_CHECKS = Path(__file__).with_name("gpu_checks.json")
 
@@ -64,7 +83,7 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
     """``(use the fused Triton step on device, why)``.
 
     Default: on a CUDA device whose name has a recorded passing check (:data:`GPU_CHECKS`, written by
-    ``python -m kernels.check_lo_step --record`` on that device), when triton imports and
+    ``python bench/check_lo_step.py --record`` on that device), when triton imports and
     ``TRITON_INTERPRET`` is not set (under the interpreter every launch would run in Python); elsewhere
     the PyTorch step. Why a record: kernels that never ran on a device class are not trusted by
     default. ``OUROBOROS_KERNELS=0`` turns the kernels off everywhere; ``OUROBOROS_KERNELS=1`` turns
@@ -85,6 +104,8 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
     device = torch.device(device)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False, "TRITON_INTERPRET is set (interpreted launches are for tests)"
+    if triton_interpreted():
+        return False, "triton was imported under TRITON_INTERPRET in this process (interpreted launches are for tests)"
     if device.type != "cuda":
         return False, f"{device.type} device (the kernels are for CUDA; {ENV}=1 with TRITON_INTERPRET=1 to test)"
     try:
@@ -93,8 +114,27 @@ def kernel_decision(device: torch.device | str | None) -> tuple[bool, str]:
         return False, f"cannot query {device}: {e}"
     if name not in recorded_checks():
         return False, (f"no recorded passing GPU check for {name!r} in {GPU_CHECKS.name} (run "
-                       f"`python -m kernels.check_lo_step --record` on it, or {ENV}=1 to use them anyway)")
+                       f"`python bench/check_lo_step.py --record` on it, or {ENV}=1 to use them anyway)")
     return True, f"{name!r} passed the GPU check ({GPU_CHECKS.name})"
+
+
+def kernel_refusal(requested: bool | None, device: torch.device) -> str | None:
+    """None when the Triton kernels may run on ``device`` given the caller's ``kernels`` setting
+    (``requested``: None = automatic, :func:`kernel_decision`; True = wherever they can run; False =
+    never), else why not. The whole policy lives in this package so that every front end
+    (``BoundLearnedOptimizer``, the ``torch.optim`` drop-in) decides alike."""
+    if requested is None:
+        use, why = kernel_decision(device)
+        return None if use else f"kernels not chosen for {device}: {why}"
+    if not requested:
+        return "kernels=False"
+    if os.environ.get(ENV, "").strip().lower() in ("0", "false", "off", "no"):
+        return f"{ENV}=0"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return f"device {device} needs TRITON_INTERPRET=1"
+    if not triton_available():
+        return "triton not importable"
+    return None
 
 
 def use_kernels(device: torch.device | str | None) -> bool:
@@ -108,5 +148,6 @@ def describe_step_path(device: torch.device | str) -> str:
     return f"learned-optimizer step: {'fused Triton kernels' if use else 'PyTorch'} ({why})"
 
 
-__all__ = ["use_kernels", "kernel_decision", "describe_step_path", "recorded_checks", "triton_available",
+__all__ = ["use_kernels", "kernel_decision", "kernel_refusal", "describe_step_path", "recorded_checks",
+           "triton_available", "triton_interpreted",
            "ENV", "GPU_CHECKS"]

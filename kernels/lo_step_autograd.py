@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from kernels.lo_step_reference import RUN_KEYS, lo_step_reference
-from optimizers.learned import LOConfig
+from optimizers.lo_spec import LOConfig
 
 STATE_KEYS = ("m", "v", "row", "col")
 

@@ -8,7 +8,8 @@ calls it (``backward="triton"``); the PyTorch reference backward stays beside it
 
 Launches (all tensors of a dtype group at once, the forward's multi-tensor tables):
 
-B0 ``_stats_kernel`` + ``_scale_kernel`` (the forward's)  the per-tensor feature scales, recomputed.
+B0 ``stats_kernel`` + ``scale_kernel`` (the forward's, :mod:`kernels.lo_step_common`)  the per-tensor
+                          feature scales, recomputed.
 B1 ``_bwd_theta_kernel``  per element block: features, the MLP forward (activations recomputed, never
                           stored), the update's derivative, the MLP backward with ``tl.dot``; per program
                           the partial sums of every theta gradient and of ``sum_i dL/dxn_ic * x_ic``
@@ -41,7 +42,7 @@ PyTorch does what is left, all of it small or a plain reduction:
 Traffic per element (fp32, default config): B0 reads g, p, m (3), v; B1 the same plus dp; B3 the same
 plus dp, dm (3), dv and writes dp, dg, dm (3), dv. Compute: the MLP forward twice and its backward twice.
 
-Registers (``python -m kernels.compile_check --ptxas-info --full``, sm_90, Triton 3.9, block 64, 4 warps,
+Registers (``python bench/compile_check.py --ptxas-info --full``, sm_90, Triton 3.9, block 64, 4 warps,
 H = 32): B1 ``tf32`` 255 registers and ~480 bytes of spills (it keeps the [32, H] and [H, H] gradient
 accumulators live across the chunk loop), B3 ``tf32`` 255 and ~200 bytes; 8 warps or block 32 roughly
 halve the spills but do not remove them; ``ieee`` spills more. Tile sizes for the backward are still to
@@ -73,30 +74,12 @@ from kernels.lo_step_reference import (
     sanitize_grad,
     step_constants,
 )
-from kernels.lo_step_triton import (
-    _KIND,
-    DEFAULT_BLOCKS,
-    DESIGN_CODE,
-    SCALE_CODE,
-    KPAD,
-    PRECISIONS,
-    Blocks,
-    _chunk_sums,
-    _coefficients,
-    _f32,
-    _features,
-    _get_plan,
-    _pack_theta,
-    _scale_args,
-    _scale_kernel,
-    _stats_kernel,
-    _tanh,
-    _tensor_ptrs,
-    slot_column,
-    step_constant_table,
-    unsupported,
+from kernels.lo_step_common import (
+    DEFAULT_BLOCKS, DESIGN_CODE, DTYPE_CODE, KPAD, PRECISIONS, SCALE_CODE, Blocks, chunk_sums, coefficients,
+    feature_tile, fp32_scalar, get_plan, pack_theta, scale_args, scale_kernel, slot_column,
+    step_constant_table, stats_kernel, tanh_stable, tensor_ptrs, unsupported,
 )
-from optimizers.learned import LOConfig, factored_dims
+from optimizers.lo_spec import LOConfig, factored_dims
 
 GPTR_COLS = 10  # per tensor: dp_out, dm_out, dv_out, drow_out, dp_in, dg_in, dm_in, dv_in, drow_in, scratch
 MAX_HIDDEN_LAYERS = 3
@@ -105,7 +88,7 @@ MAX_HIDDEN_LAYERS = 3
 # ============================================================================================ kernels
 @triton.jit
 def _split32(x, BLOCK: tl.constexpr):
-    """Inverse of ``_cat32``: a ``[BLOCK, 32]`` tile -> 32 vectors in canonical slot order."""
+    """Inverse of ``cat32``: a ``[BLOCK, 32]`` tile -> 32 vectors in canonical slot order."""
     e = tl.reshape(x, (BLOCK, 2, 2, 2, 2, 2))
     d0, d1 = tl.split(e)
     c0, c1 = tl.split(d0)
@@ -175,7 +158,7 @@ def _mlp_bwd(x, scale, m0, v, dpo, w0, b0, w1, b1, w2, b2, wd, wm, bd, bm, bc1, 
         if NOMINAL:
             delta0 = delta0 + lr * adam
     else:  # controller: lr * exp(cbound * tanh(d)) * adam
-        th = _tanh(d)
+        th = tanh_stable(d)
         e = tl.exp(cbound * th)
         delta0 = lr * e * adam
     delta = delta0
@@ -258,7 +241,7 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
     t = tl.load(chunk_tab + 2 * pid)
     start = tl.load(chunk_tab + 2 * pid + 1)
     (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
-     is_fac) = _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, False)
+     is_fac) = tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, False)
     dpo_ptr = tl.load(gptr_tab + t * 10 + 0).to(tl.pointer_type(tl.float32))
     w0, b0, w1, b1, w2, b2, wd, wm, bd, bm = _load_weights(w0_ptr, b0_ptr, wm_ptr, bm_ptr, wo_ptr, bo_ptr,
                                                            H, NUM_MID)
@@ -290,7 +273,7 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
     for b in range(start, end, BLOCK):
         i = b + offs
         mask = i < end
-        x, _p, m0, _m1, _m2, v, _r0, _r1, _r2 = _features(
+        x, _p, m0, _m1, _m2, v, _r0, _r1, _r2 = feature_tile(
             i, mask, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
             r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
             f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
@@ -341,7 +324,7 @@ def _bwd_theta_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, sc_ptr,
 def _dscale_kernel(meta_tab, part_ptr, scale_ptr, kc_ptr, RB: tl.constexpr):
     """B2, per tensor: kc = -0.5 * scale^3 * (sum of its chunks' sum(dxn * x)) / n."""
     t = tl.program_id(0)
-    acc, n = _chunk_sums(meta_tab, part_ptr, t, RB)
+    acc, n = chunk_sums(meta_tab, part_ptr, t, RB)
     cols = tl.arange(0, 32)
     s = tl.load(scale_ptr + t * 32 + cols)
     tl.store(kc_ptr + t * 32 + cols, (-0.5 * acc * (s * s * s)) / n)
@@ -391,7 +374,7 @@ def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, 
     t = tl.load(chunk_tab + 2 * pid)
     start = tl.load(chunk_tab + 2 * pid + 1)
     (g_ptr, p_ptr, m_ptr, v_ptr, r_ptr, c_ptr, f_ptr, n, rsize, csize, sbn, sb, san, sa,
-     is_fac) = _tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, False)
+     is_fac) = tensor_ptrs(ptr_tab, meta_tab, t, P_KIND, G_KIND, False)
     gt = gptr_tab + t * 10
     dpo_ptr = tl.load(gt + 0).to(tl.pointer_type(tl.float32))
     dmo_ptr = tl.load(gt + 1).to(tl.pointer_type(tl.float32))
@@ -419,7 +402,7 @@ def _bwd_elem_kernel(chunk_tab, ptr_tab, meta_tab, gptr_tab, scale_ptr, kc_ptr, 
     for b in range(start, end, BLOCK):
         i = b + offs
         mask = i < end
-        x, _p, m0, m1, m2, v, r0, r1, r2 = _features(
+        x, _p, m0, m1, m2, v, r0, r1, r2 = feature_tile(
             i, mask, True, g_ptr, p_ptr, m_ptr, m_ptr + n, m_ptr + 2 * n, v_ptr,
             r_ptr, r_ptr + rsize, r_ptr + 2 * rsize, c_ptr, c_ptr + csize, c_ptr + 2 * csize,
             f_ptr, f_ptr + rsize, f_ptr + 2 * rsize, sbn, sb, san, sa, is_fac, grad_clip,
@@ -549,10 +532,10 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
     horizon, loss_stats = state.get("horizon"), state.get("loss_stats")
     k0 = step_constants(state["step"], theta, cfg, device=device, horizon=horizon, loss_stats=loss_stats)
     sc = step_constant_table(k0)
-    w0, wm, bm, wo, bo = _pack_theta(theta, cfg, device)
+    w0, wm, bm, wo, bo = pack_theta(theta, cfg, device)
     b0 = k0.b0.float().contiguous()
-    coef = _coefficients(cfg)
-    grad_clip = _f32(cfg.grad_clip)
+    coef = coefficients(cfg)
+    grad_clip = fp32_scalar(cfg.grad_clip)
     tp = theta_partial_size(cfg)
     theta_parts: list[Tensor] = []
     keep_alive: list[Tensor] = []
@@ -599,28 +582,29 @@ def _backward(params, grads, state, theta, cfg: LOConfig, new_rowcol, d_params, 
         keep_alive.extend([*ptrs, dpo, dmo, dvo, drowo])
         out["params"][k], out["grads"][k], out["m"][k], out["v"][k] = dpi, dgi, dmi, dvi
         item = (ptrs, (dpo, dmo, dvo, drowo, dpi, dgi, dmi, dvi, drowi, scratch))
-        groups.setdefault((_KIND[p.dtype], _KIND[g.dtype]), []).append(item)
+        groups.setdefault((DTYPE_CODE[p.dtype], DTYPE_CODE[g.dtype]), []).append(item)
 
     for (p_kind, g_kind), items in groups.items():
         shapes = [tuple(it[0][1].shape) for it in items]
-        plan = _get_plan(shapes, cfg, device, blocks)
+        plan = get_plan(shapes, cfg, device, blocks)
         ptr_tab = torch.tensor([[t.data_ptr() for t in it[0]] for it in items], dtype=torch.int64).to(device)
         gptr_tab = torch.tensor([[t.data_ptr() for t in it[1]] for it in items], dtype=torch.int64).to(device)
         ck = {"NM": len(cfg.momentum_decays), "NA": na, "P_KIND": p_kind, "G_KIND": g_kind, "BLOCK": blocks.block,
               "CHUNK": blocks.chunk}
         nw = blocks.num_warps
-        _stats_kernel[(plan.n_chunks,)](plan.chunks, ptr_tab, plan.meta, plan.stats, grad_clip, **coef, **ck,
-                                        ALIGNED=False, num_warps=nw)
+        stats_kernel[(plan.n_chunks,)](plan.chunks, ptr_tab, plan.meta, plan.stats, grad_clip, **coef, **ck,
+                                       ALIGNED=False, num_warps=nw)
         scale = torch.empty((plan.n_tensors, 32), **f32)
         sscale = torch.empty((plan.n_tensors,), **f32)
         scaled = cfg.step_scale != "none"
-        _scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, scale, sc, sscale, *_scale_args(cfg),
-                                         RB=blocks.scale_rows, SCALE=SCALE_CODE[cfg.step_scale], num_warps=nw)
+        scale_kernel[(plan.n_tensors,)](plan.meta, plan.stats, scale, sc, sscale, *scale_args(cfg),
+                                        RB=blocks.scale_rows, SCALE=SCALE_CODE[cfg.step_scale], num_warps=nw)
         tpart = torch.empty((plan.n_chunks, tp), **f32)
         spart = torch.empty((plan.n_chunks, 32), **f32)
         mlp = {"H": cfg.hidden_width, "NUM_MID": cfg.hidden_layers - 1, "NOMINAL": cfg.nominal == "adam",
                "PREC": precision, "DESIGN": DESIGN_CODE[cfg.design], "SCALED": scaled}
-        scal = (grad_clip, _f32(cfg.exp_mult), _f32(cfg.step_mult), _f32(cfg.max_update), _f32(cfg.controller_bound))
+        scal = (grad_clip, fp32_scalar(cfg.exp_mult), fp32_scalar(cfg.step_mult), fp32_scalar(cfg.max_update),
+                fp32_scalar(cfg.controller_bound))
         _bwd_theta_kernel[(plan.n_chunks,)](
             plan.chunks, ptr_tab, plan.meta, gptr_tab, scale, sc, sscale, w0, b0, wm, bm, wo, bo, tpart, spart,
             *scal, **coef, **mlp, **ck, TP=tp, num_warps=nw)

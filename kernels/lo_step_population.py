@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kernels.lo_step_reference import feature_slots, lo_step_reference, step_constants
-from optimizers.learned import LOConfig, factored_dims
+from optimizers.lo_spec import LOConfig, factored_dims
 
 STATE_KEYS = ("m", "v", "row", "col")
 
@@ -91,7 +91,7 @@ def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfi
     """Per member: the step constants ``sc`` ``(P, SC_COLS)`` (bc1, bc2, lr, exp(vector_log_lr), mix) and
     the folded first bias ``(P, H)`` -- the single step's :func:`step_constants` with the member's step,
     horizon and weights, vmapped (a few launches whatever P)."""
-    from kernels.lo_step_triton import step_constant_table
+    from kernels.lo_step_common import step_constant_table
 
     def one(step, theta, horizon=None, stats=None):
         k = step_constants(step, theta, cfg, device=device, horizon=horizon, loss_stats=stats)
@@ -109,7 +109,7 @@ def _population_constants(steps: Tensor, thetas: dict[str, Tensor], cfg: LOConfi
 def _pack_population(thetas: dict[str, Tensor], cfg: LOConfig, device):
     """Stacked kernel-layout weights: w0 ``(P, 32, H)`` (rows at the feature-tile columns), hidden layers
     ``(P, max(L-1, 1), H, H)`` / ``(P, max(L-1, 1), H)``, output ``(P, H, 2)`` / ``(P, 2)``."""
-    from kernels.lo_step_triton import KPAD, slot_column
+    from kernels.lo_step_common import KPAD, slot_column
 
     pop = population_size(thetas)
     h = cfg.hidden_width
@@ -132,7 +132,7 @@ def _pack_population(thetas: dict[str, Tensor], cfg: LOConfig, device):
 
 def population_unsupported(cfg: LOConfig, params: dict[str, Tensor], grads=None, state=None) -> str | None:
     """Why :func:`population_lo_step` cannot run this step (None when it can)."""
-    from kernels.lo_step_triton import unsupported
+    from kernels.lo_step_common import unsupported
 
     if any(p.dim() == 0 for p in params.values()):
         return "parameters need a leading population axis"
@@ -151,11 +151,12 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
     :func:`population_lo_step_reference`. ``inplace=True`` writes the caller's tensors (copied back
     where they are not contiguous); ``False`` leaves them untouched. Not differentiable.
     """
-    from kernels import lo_step_triton as lt
+    from kernels import lo_step_common as common
+    from kernels.lo_step_triton import launch_group
 
-    if precision not in lt.PRECISIONS:
-        raise ValueError(f"precision must be one of {lt.PRECISIONS}, got {precision!r}")
-    blocks = blocks or lt.DEFAULT_BLOCKS
+    if precision not in common.PRECISIONS:
+        raise ValueError(f"precision must be one of {common.PRECISIONS}, got {precision!r}")
+    blocks = blocks or common.DEFAULT_BLOCKS
     pop = population_size(thetas)
     for k, p in params.items():
         if p.dim() == 0 or p.shape[0] != pop or grads[k].shape != p.shape:
@@ -198,13 +199,13 @@ def population_lo_step(params: dict[str, Tensor], grads: dict[str, Tensor], stat
                 members.append(j)
         groups: dict[tuple, tuple[list, list]] = {}  # one launch set per (param, grad) dtype pair
         for it, j in zip(items, members):
-            its, mems = groups.setdefault((lt._KIND[it[1].dtype], lt._KIND[it[0].dtype]), ([], []))
+            its, mems = groups.setdefault((common.DTYPE_CODE[it[1].dtype], common.DTYPE_CODE[it[0].dtype]), ([], []))
             its.append(it)
             mems.append(j)
         for (p_kind, g_kind), (its, mems) in groups.items():
-            aligned = all(lt._aligned(it[0]) and lt._aligned(it[1]) and lt._aligned(it[2], nm)
-                          and lt._aligned(it[3]) for it in its)
-            lt._launch_group(its, cfg, (sc, b0), packed, precision, blocks, p_kind, g_kind, aligned,
+            aligned = all(common.is_aligned(it[0]) and common.is_aligned(it[1]) and common.is_aligned(it[2], nm)
+                          and common.is_aligned(it[3]) for it in its)
+            launch_group(its, cfg, (sc, b0), packed, precision, blocks, p_kind, g_kind, aligned,
                              tuple(mems))
         for orig, c in writeback:
             orig.copy_(c)

@@ -8,7 +8,7 @@ phase 1a (factored tensors, rank >= 2; kernels ``_fac_partial_kernel`` + ``_fac_
     sanitise ``g``, reduce ``g^2 + 1e-30`` over the largest dim (row accumulator) and the second
     largest dim (column accumulator), update both accumulators in place, and compute the row factor
     ``rsqrt(max(row / mean_a(row), 1e-9))`` into a scratch buffer of the row accumulator's shape.
-phase 1b (every tensor; ``_stats_kernel`` + ``_scale_kernel``)
+phase 1b (every tensor; ``stats_kernel`` + ``scale_kernel``)
     per element: new momenta, rms, (rank < 2) full second moments and the 28 canonical features,
     then per tensor and channel ``scale = rsqrt(1e-5 + sum(x^2) / n)``. Nothing is written here
     except the statistics.
@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from optimizers.learned import (
-    LOConfig, element_features, factored_dims, loss_features, safe_sqrt, tensor_step_scale, time_features,
+from optimizers.lo_spec import (
+    FEATURE_GROUPS, LOConfig, element_features, factored_dims, group_channels, loss_features, safe_sqrt,
+    tensor_step_scale, time_features,
 )
 
 # per-run state that is not per tensor: the run length T (fraction features) and the loss statistics
@@ -62,19 +63,22 @@ RUN_KEYS = ("horizon", "loss_stats")
 # col0..2, rsqrt_row0..2, rsqrt_col0..2, fac_mom0..2.
 NM_MAX = 3
 NA_MAX = 3
-_GROUP_SLOTS = {
-    "grad": (0, 1), "param": (1, 1), "momentum": (2, NM_MAX), "rms": (5, 1), "adam_dir": (6, NM_MAX),
-    "rsqrt_rms": (9, 1), "fac_grad": (10, NA_MAX), "row": (13, NA_MAX), "col": (16, NA_MAX),
-    "rsqrt_row": (19, NA_MAX), "rsqrt_col": (22, NA_MAX), "fac_mom": (25, min(NM_MAX, NA_MAX)),
-}
-NUM_SLOTS = 28
 
 
-def group_channels(cfg: LOConfig, name: str) -> int:
-    nm, na = len(cfg.momentum_decays), len(cfg.adafactor_decays)
-    return {"grad": 1, "param": 1, "momentum": nm, "rms": 1, "adam_dir": nm, "rsqrt_rms": 1,
-            "fac_grad": na, "row": na, "col": na, "rsqrt_row": na, "rsqrt_col": na,
-            "fac_mom": min(nm, na)}[name]
+def _slot_table() -> dict[str, tuple[int, int]]:
+    """``{group: (first slot, slots)}``: the groups in :data:`FEATURE_GROUPS` order, each with its
+    channel count at the kernels' maximum decays (:func:`optimizers.lo_spec.group_channels`)."""
+    out, first = {}, 0
+    for name in FEATURE_GROUPS:
+        n = group_channels(name, NM_MAX, NA_MAX)
+        out[name] = (first, n)
+        first += n
+    return out
+
+
+_GROUP_SLOTS = _slot_table()
+NUM_SLOTS = sum(n for _, n in _GROUP_SLOTS.values())
+assert NUM_SLOTS == 28, "the kernels' feature tile (cat32 / _split32) is written for 28 slots"
 
 
 def feature_slots(cfg: LOConfig) -> list[int]:
@@ -82,7 +86,8 @@ def feature_slots(cfg: LOConfig) -> list[int]:
     out = []
     for name in cfg.features:
         first, _ = _GROUP_SLOTS[name]
-        out.extend(first + k for k in range(group_channels(cfg, name)))
+        out.extend(first + k for k in range(group_channels(name, len(cfg.momentum_decays),
+                                                           len(cfg.adafactor_decays))))
     return out
 
 

@@ -1,11 +1,11 @@
 """Fused learned-optimizer step: Triton kernels (CPU interpreter) == PyTorch reference == optimizers.
 
-The Triton kernels run under ``TRITON_INTERPRET=1``. Triton decides between interpreter and compiler when
-a function is decorated, its own library functions (``tl.sum``, ...) included, so the variable must be
-set before triton is first imported in this process, and it stays set: it is process-wide. (No other
-test here uses compiled Triton; the CUDA checks of the compiled kernels, ``tests/test_kernels_cuda.py``,
-run in a subprocess for that reason.) This module loads its own copy of ``kernels/lo_step_triton.py``
-under a private name, so ``kernels.lo_step_triton`` itself is never the interpreted copy.
+The Triton kernels run under Triton's interpreter (``tests/triton_interpreter.py``): the kernel modules
+are imported with ``TRITON_INTERPRET=1`` set around that import only, and every test of this module
+(and of ``tests/test_kernels_backward.py`` / ``tests/test_kernels_designs.py``, which reuse its setup)
+carries the ``triton_interpreter`` marker, which sets the variable for the test's duration and restores
+it afterwards; no other test of the run sees it. The CUDA checks of the compiled kernels,
+``tests/test_kernels_cuda.py``, run in a subprocess.
 
 Tile sizes are tiny so that chunk loops, masked tails, several chunks per tensor and several reduction
 segments per line all occur on tensors of a few dozen elements.
@@ -13,15 +13,11 @@ segments per line all occur on tensors of a few dozen elements.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton / the kernel module is imported
-
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -29,81 +25,11 @@ if str(ROOT) not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from triton_interpreter import load_kernels  # noqa: E402
 
-
-def _interpreter_defect(triton, tl) -> str | None:
-    """Why this triton's interpreter cannot run the kernels at all, or None. A defect outside this project
-    becomes one skip reason that says what to change, instead of every kernel test failing with it.
-
-    Known: triton <= 3.6 turns a loaded scalar into a loop bound with ``int()`` of a one-element NumPy
-    array, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted to Python scalars";
-    triton 3.7 squeezes first; :func:`_backport_scalar_index` does the same). Every kernel here loops to a
-    bound read from memory. The compiled kernels are unaffected (``python -m kernels.compile_check``
-    and ``kernels.check_lo_step``)."""
-
-    @triton.jit
-    def probe(n_ptr, out_ptr):
-        total = 0
-        for i in range(0, tl.load(n_ptr)):
-            total += i
-        tl.store(out_ptr, total)
-
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        probe[(1,)](torch.tensor([4], dtype=torch.int32), out)
-    except Exception as e:  # noqa: BLE001
-        import numpy
-
-        return (f"triton {triton.__version__}'s interpreter cannot loop to a bound loaded from memory with "
-                f"numpy {numpy.__version__} ({e!r}); use triton >= 3.7, or numpy < 2.4 with triton <= 3.6")
-    if int(out) != 0 + 1 + 2 + 3:
-        return f"triton {triton.__version__}'s interpreter computed a loop sum of {int(out)}, not 6"
-    return None
-
-
-def _backport_scalar_index() -> bool:
-    """Give triton <= 3.6's interpreter triton 3.7's ``tensor.__index__`` (squeeze, then ``int()``), so the
-    kernel tests also run with the triton that torch 2.11 pins and a current NumPy. Test-only: it patches
-    a private function, hence the probe before and after. True when it was applied."""
-    import triton.runtime.interpreter as ti
-
-    original = getattr(ti, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_ouroboros_backport", False):
-        return False
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched._ouroboros_backport = True
-    ti._patch_lang_tensor = patched
-    return True
-
-
-lt, _SKIP, _LOAD_ERROR = None, None, None
-try:
-    import triton  # noqa: E402,F401
-    import triton.language as tl  # noqa: E402
-except ImportError as e:  # no triton: the kernel tests skip, the reference tests run
-    _SKIP = f"triton not importable: {e!r}"
-else:
-    if type(tl.standard.sum).__name__ != "InterpretedFunction":
-        _SKIP = ("triton was imported in compiled mode before this module (TRITON_INTERPRET unset); "
-                 "run `TRITON_INTERPRET=1 pytest tests/test_kernels.py`")
-    else:
-        _SKIP = _interpreter_defect(triton, tl)
-        if _SKIP is not None and _backport_scalar_index():
-            _SKIP = _interpreter_defect(triton, tl)
-if _SKIP is None:
-    _NAME = "kernels._lo_step_triton_interpreted"
-    try:
-        _spec = importlib.util.spec_from_file_location(_NAME, ROOT / "kernels" / "lo_step_triton.py")
-        lt = importlib.util.module_from_spec(_spec)
-        sys.modules[_NAME] = lt  # dataclasses look their module up there
-        _spec.loader.exec_module(lt)
-    except Exception as e:  # a broken kernel module is a failure, not a skip (see the fixture)
-        lt, _LOAD_ERROR = None, e
-        sys.modules.pop(_NAME, None)
+_KERNELS, _SKIP, _LOAD_ERROR = load_kernels()
+lt = _KERNELS.get("triton")  # kernels.lo_step_triton, interpreted (None when the kernel tests skip)
+common = _KERNELS.get("common")  # kernels.lo_step_common
 
 import kernels  # noqa: E402
 from kernels.lo_step_reference import bytes_per_element, lo_step_reference  # noqa: E402
@@ -111,14 +37,16 @@ from optimizers.learned import LearnedOptimizer, LOConfig  # noqa: E402
 from optimizers.tree import flatten  # noqa: E402
 
 needs_triton = pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))
-# masked tail lanes of the interpreted kernels may compute 0/0 (never stored)
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+# TRITON_INTERPRET=1 for each test (tests/conftest.py); masked tail lanes of the interpreted kernels may
+# compute 0/0 (never stored)
+pytestmark = [pytest.mark.triton_interpreter,
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 @pytest.fixture(autouse=True)
 def _kernel_module_loaded(request):
     if request.node.get_closest_marker("skipif") and _LOAD_ERROR is not None:
-        pytest.fail(f"kernels/lo_step_triton.py failed to load under the interpreter: {_LOAD_ERROR!r}")
+        pytest.fail(f"the kernel modules failed to load under the interpreter: {_LOAD_ERROR!r}")
 
 
 # tiny tiles so loops, masked tails and several chunks occur on a few dozen elements (None when skipped)
@@ -312,11 +240,31 @@ def test_kernel_tf32_option_and_edge_cases():
     assert lt.unsupported(LOConfig(hidden_width=24), params) is not None
 
 
+def test_feature_slots_follow_the_specification_table():
+    """The kernels' canonical slots and ``LOConfig.num_inputs`` both come from ``group_channels``: every
+    config's channels land on distinct slots of the 28, one per input channel, in the config's order."""
+    from kernels.lo_step_reference import NUM_SLOTS, feature_slots
+    from optimizers.lo_spec import FEATURE_GROUPS, ConfigError, group_channels
+
+    assert NUM_SLOTS == sum(group_channels(g, 3, 3) for g in FEATURE_GROUPS) == 28
+    full = feature_slots(LOConfig())
+    assert full == list(range(NUM_SLOTS))  # the default: every group at 3 decays, slots in order
+    for cfg in (LOConfig(momentum_decays=(0.9,), adafactor_decays=(0.5, 0.9)),
+                LOConfig(features=("fac_mom", "grad", "row"), momentum_decays=(0.9, 0.99)),
+                LOConfig(time_features="none", loss_features="ema")):
+        slots = feature_slots(cfg)
+        assert len(slots) == len(set(slots)) == cfg.num_element_features
+        assert cfg.num_inputs == cfg.num_element_features + cfg.num_step_features
+        assert all(0 <= s < NUM_SLOTS for s in slots)
+    with pytest.raises(ConfigError, match="unknown feature group"):
+        group_channels("momentun", 3, 3)
+
+
 @needs_triton
 def test_feature_tile_layout():
     """Column j of the joined tile is slot bitreverse5(j) (the host folds this into w0's rows)."""
-    assert sorted(lt.slot_column(s) for s in range(32)) == list(range(32))
-    assert [lt.slot_column(s) for s in (0, 1, 2, 3, 16)] == [0, 16, 8, 24, 1]
+    assert sorted(common.slot_column(s) for s in range(32)) == list(range(32))
+    assert [common.slot_column(s) for s in (0, 1, 2, 3, 16)] == [0, 16, 8, 24, 1]
 
 
 # ---- dispatch and benchmark script -------------------------------------------------------------------
@@ -338,21 +286,21 @@ def test_use_kernels_env(monkeypatch):
 
 
 def test_bench_script_parses_and_needs_cuda(tmp_path):
-    from kernels import bench_lo_step
+    from bench import bench_lo_step
 
     args = bench_lo_step.parse_args(["--sizes", "1e6,4e6", "--repeats", "5", "--out", str(tmp_path)])
     assert args.sizes == [1_000_000, 4_000_000] and args.repeats == 5
     assert bytes_per_element(LOConfig())["minimum"] == 44
     if torch.cuda.is_available():
         pytest.skip("CUDA present: the no-CUDA exit path is not reachable here")
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench_lo_step", "--sizes", "1e6"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_lo_step.py"), "--sizes", "1e6"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "CUDA" in proc.stderr
 
 
 def test_bench_roofline_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from kernels import bench_lo_step
+    from bench import bench_lo_step
 
     m = {"median_s": 0.02, "TFLOP_per_s": 23.0, "bytes": 4.4e9}
     result = {"device": "test", "copy_bandwidth_GB_per_s": 3000.0,
@@ -369,7 +317,7 @@ def _timing(ms: float, frac: float = 0.5) -> dict:
 
 def test_bench_targets_table():
     """Each target's status follows from the timings, and a target with no measurement says so."""
-    from kernels import bench_lo_step as b
+    from bench import bench_lo_step as b
 
     fwd = {"params": 31_000_000, "methods": {
         "reference": _timing(100.0), "reference_compiled": _timing(9.0), "triton_ieee": _timing(2.0, 0.9),
@@ -409,7 +357,7 @@ def test_bench_main_writes_json_table_and_plot_after_every_row(monkeypatch, tmp_
     """``main``'s bookkeeping on a pretend device (the timed functions are stubbed): every mode's rows
     land in the JSON and the Markdown table as they finish, so a run cut off by a time limit keeps them."""
     pytest.importorskip("matplotlib")
-    from kernels import bench_lo_step as b
+    from bench import bench_lo_step as b
 
     monkeypatch.setattr(b.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(b.torch.cuda, "current_device", lambda: 0)
@@ -445,7 +393,7 @@ def test_kernels_compile_for_sm90():
     """The real compiler (no GPU needed) accepts every kernel variant the interpreter runs."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "kernels.compile_check", "--arch", "90"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compile_check.py"), "--arch", "90"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode == 3:
         pytest.skip(f"no ahead-of-time compilation with this triton: {proc.stderr.strip()[-300:]}")
@@ -695,11 +643,12 @@ def test_automatic_dispatch_trusts_only_recorded_gpu_checks(monkeypatch, tmp_pat
     import json as _json
 
     import kernels as K
-    from kernels.check_lo_step import record_pass
+    from bench.check_lo_step import record_pass
 
     monkeypatch.delenv(K.ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(K, "triton_available", lambda: True)
+    monkeypatch.setattr(K, "triton_interpreted", lambda: False)  # a compiled triton, as on a GPU machine
     monkeypatch.setattr(K.torch.cuda, "get_device_name", lambda device=None: "Pretend GPU 80GB")
     record = tmp_path / "gpu_checks.json"
     monkeypatch.setattr(K, "GPU_CHECKS", record)

@@ -2,13 +2,14 @@
 population step (kernels.lo_step_population) == per-member reference; ``train.py bench-kernels``.
 
 Runs the kernels through the Triton interpreter like ``tests/test_kernels.py`` (whose setup and helpers
-this module reuses: importing it sets ``TRITON_INTERPRET=1`` before triton is imported). Tiles are tiny
+this module reuses: importing it imports the kernels under the interpreter; the ``triton_interpreter``
+marker sets ``TRITON_INTERPRET=1`` for each test only). Tiles are tiny
 so loops, masked tails and several chunks per tensor occur on tensors of a few dozen elements.
 
 Tolerances: the interpreter computes ``tl.dot`` exactly whatever the precision, so these tests check the
 ``ieee`` (exact fp32) semantics: every gradient tensor within ``RTOL_IEEE`` of its largest reference
 entry (float32 rounding of a differently ordered computation; measured ~1e-7). ``tf32`` on a GPU needs
-~2e-2 (``python -m kernels.check_lo_step`` checks the compiled kernels with those).
+~2e-2 (``python bench/check_lo_step.py`` checks the compiled kernels with those).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from optimizers.learned import LearnedOptimizer, LOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # masked tail lanes of the interpreted kernels compute 0/0 (never stored)
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.triton_interpreter,  # TRITON_INTERPRET=1 for each test (tests/conftest.py)
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 RTOL_IEEE = 2e-5
 STATE_KEYS = ("m", "v", "row", "col")
 
@@ -349,7 +351,7 @@ def test_bench_backward_and_population_code_paths(monkeypatch, tmp_path):
     wall-clock stand-in for CUDA events (only that the code runs and reports; no timing is meaningful)."""
     import time
 
-    from kernels import bench_lo_step as b
+    from bench import bench_lo_step as b
 
     def fake_time(fn, repeats, warmup):
         t0 = time.perf_counter()
@@ -379,13 +381,13 @@ def test_bench_backward_and_population_code_paths(monkeypatch, tmp_path):
 
 @needs_triton
 def test_gpu_check_script_passes_every_case_through_the_interpreter():
-    """``python -m kernels.check_lo_step`` is what a GPU session runs first; its every case (forward in
+    """``python bench/check_lo_step.py`` is what a GPU session runs first; its every case (forward in
     both precisions, non-contiguous, bf16; backward; population) runs here on small tensors with the
     default tiles the GPU uses, so a mistake in the script itself is not first found on a GPU. ``tf32``
     is exact in the interpreter, so this checks the script, not tf32's tolerance."""
     import json
 
-    from kernels import check_lo_step as chk
+    from bench import check_lo_step as chk
     from test_kernels import lt
 
     small = {"scalar": (), "bias": (7,), "odd": (37,), "w": (9, 13), "tall": (30, 5), "row1": (1, 7),

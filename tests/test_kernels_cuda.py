@@ -1,7 +1,7 @@
 """Compiled Triton step == reference on a CUDA device (skipped without one).
 
-Runs ``python -m kernels.check_lo_step`` in a subprocess: ``tests/test_kernels.py`` puts this process's
-triton into interpreter mode, which cannot be undone in-process.
+Runs ``python bench/check_lo_step.py`` in a subprocess: the kernel tests import this process's triton
+in interpreter mode (``tests/triton_interpreter.py``), which cannot be undone in-process.
 """
 
 from __future__ import annotations
@@ -21,6 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compiled_kernels_match_reference_on_cuda():
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "kernels.check_lo_step"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "check_lo_step.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-6000:]}"

@@ -7,8 +7,8 @@
 against autograd through that path; the population step with a different run length T per member; and
 finite meta-gradients where a parameter's gradient is exactly zero (``v = 0``: ``safe_sqrt``).
 
-Setup and helpers come from ``tests/test_kernels.py`` (importing it sets ``TRITON_INTERPRET=1`` before
-triton is imported). Shapes: 0-d to 4-d, odd sizes, tiny tiles (loops, masked tails, several chunks).
+Setup and helpers come from ``tests/test_kernels.py`` (importing it imports the kernels under the
+interpreter; the ``triton_interpreter`` marker sets ``TRITON_INTERPRET=1`` for each test only). Shapes: 0-d to 4-d, odd sizes, tiny tiles (loops, masked tails, several chunks).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from kernels.lo_step_autograd import lo_step_autograd
 from kernels.lo_step_reference import lo_step_reference
 from optimizers.learned import LearnedOptimizer, LOConfig
 
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.triton_interpreter,  # TRITON_INTERPRET=1 for each test (tests/conftest.py)
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 # 0-d, 1-d odd, 2-d (a < b; a size-1 dim), 3-d with non-adjacent largest dims, 4-d
 SHAPES = {"scalar": (), "bias": (7,), "w": (5, 7), "row1": (1, 9), "w3": (6, 2, 5), "conv": (3, 4, 5, 2)}

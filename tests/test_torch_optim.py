@@ -507,13 +507,11 @@ def test_import_is_light():
 @pytest.mark.parametrize("design", DESIGNS)
 @pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "triton"])
 def test_cuda_params_with_cpu_theta_and_state_dict_round_trip(kernels, design):
-    import os
-
     lopt = DESIGNS[design]
     if kernels:  # the compiled kernels; under the interpreter (tests/test_kernels.py) they would run in Python
         import kernels as kernels_pkg
 
-        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") or not kernels_pkg.triton_available():
+        if not kernels_pkg.triton_available() or kernels_pkg.triton_interpreted():
             pytest.skip("needs compiled triton (run this file on its own)")
     data = tuple(t.cuda() for t in dataset())
     model = make_model().cuda()

@@ -31,11 +31,11 @@ Results go to ``<out>/lo_step_<device>.json``, a roofline plot ``<out>/lo_step_r
 and ``<out>/lo_step_<device>.md``: the kernels' performance targets, each *met* / *not met* / *unmeasured*
 with the numbers behind it (:func:`targets`; the default ``tf32`` precision decides), then every row.
 
-    python -m kernels.bench_lo_step --sizes 1e6,1e7,1e8,1e9 --repeats 50
+    python bench/bench_lo_step.py --sizes 1e6,1e7,1e8,1e9 --repeats 50
     python train.py bench-kernels --modes backward,population       # the same script
 
 Needs a CUDA device: without one it prints a message and measures nothing (exit status 2 from
-``python -m kernels.bench_lo_step``, 0 from ``python train.py bench-kernels``).
+``python bench/bench_lo_step.py``, 0 from ``python train.py bench-kernels``).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _count(text: str) -> int:
     return int(float(text))
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "python -m kernels.bench_lo_step",
+def parse_args(argv: list[str] | None = None, prog: str = "python bench/bench_lo_step.py",
                no_cuda_status: int = 2) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -578,7 +578,7 @@ def roofline_png(result: dict, path: Path, peak_tflops: float, peak_fp32_tflops:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None, *, prog: str = "python -m kernels.bench_lo_step",
+def main(argv: list[str] | None = None, *, prog: str = "python bench/bench_lo_step.py",
          no_cuda_status: int = 2) -> int:
     args = parse_args(argv, prog=prog, no_cuda_status=no_cuda_status)
     if not torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the fused step for an NVIDIA target, without a GPU.
 
-    python -m kernels.compile_check [--arch 90] [--ptxas-info] [--full]
+    python bench/compile_check.py [--arch 90] [--ptxas-info] [--full]
 
 The CPU interpreter (``tests/test_kernels.py``) checks the kernels' numbers but not that they compile:
 the real compiler rejects things the interpreter accepts. ``triton.compile`` runs the whole pipeline
@@ -39,14 +39,16 @@ def variants(lt, lb=None, full: bool = False):
     """(name, kernel, constexprs, num_warps) for the launches ``lo_step`` (and, given the backward module
     ``lb``, ``lo_step_backward``) makes, default and edge. The population step launches the forward
     kernels (the member index is data), so it adds no variant."""
-    b = lt.DEFAULT_BLOCKS
+    from kernels import lo_step_common as common
+
+    b = common.DEFAULT_BLOCKS
     elem = dict(NM=3, NA=3, P_KIND=0, G_KIND=0, ALIGNED=True, BLOCK=b.block, CHUNK=b.chunk)
     # the default LOConfig: design "controller", step_scale "rms" (time features are host constants)
     mlp = dict(H=32, NUM_MID=1, NOMINAL=True, RELOAD=b.reload_vectors, DESIGN=1, SCALED=True, MODE=0)
     legacy = dict(DESIGN=0, SCALED=False, MODE=0)
     odd = dict(NM=2, NA=1, P_KIND=1, G_KIND=1, ALIGNED=False, BLOCK=32, CHUNK=64)
     out = []
-    for prec in lt.PRECISIONS:
+    for prec in common.PRECISIONS:
         out.append((f"main[{prec}]", lt._main_kernel, {**elem, **mlp, "PREC": prec}, b.num_warps))
     out += [
         ("main[normalized,d^2 pass]", lt._main_kernel, {**elem, **mlp, "DESIGN": 2, "MODE": 1, "PREC": "tf32"},
@@ -58,11 +60,11 @@ def variants(lt, lb=None, full: bool = False):
         ("main[fp16,1 layer,h64,no reload]", lt._main_kernel,
          {**elem, "P_KIND": 2, "G_KIND": 2, "H": 64, "NUM_MID": 0, "NOMINAL": True, "RELOAD": False,
           "PREC": "tf32", **legacy}, 4),
-        ("stats", lt._stats_kernel, elem, b.num_warps),
-        ("stats[bf16,NM2,NA1]", lt._stats_kernel, odd, 4),
-        ("scale[rms]", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=1), b.num_warps),
-        ("scale[width]", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=2), b.num_warps),
-        ("scale", lt._scale_kernel, dict(RB=b.scale_rows, SCALE=0), b.num_warps),
+        ("stats", common.stats_kernel, elem, b.num_warps),
+        ("stats[bf16,NM2,NA1]", common.stats_kernel, odd, 4),
+        ("scale[rms]", common.scale_kernel, dict(RB=b.scale_rows, SCALE=1), b.num_warps),
+        ("scale[width]", common.scale_kernel, dict(RB=b.scale_rows, SCALE=2), b.num_warps),
+        ("scale", common.scale_kernel, dict(RB=b.scale_rows, SCALE=0), b.num_warps),
         ("dnorm", lt._dnorm_kernel, dict(RB=b.scale_rows), b.num_warps),
         ("fac_partial", lt._fac_partial_kernel,
          dict(G_KIND=0, BL=b.red_lines, BLEN=b.red_len, SEG=b.red_seg), b.num_warps),
@@ -71,7 +73,7 @@ def variants(lt, lb=None, full: bool = False):
          b.num_warps),
     ]
     if lb is not None:
-        from optimizers.learned import LOConfig
+        from optimizers.lo_spec import LOConfig
 
         def tp(h, layers):
             return lb.theta_partial_size(LOConfig(hidden_width=h, hidden_layers=layers))

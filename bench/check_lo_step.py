@@ -1,11 +1,12 @@
 """Check the *compiled* Triton step against the PyTorch reference on a CUDA device.
 
-    python -m kernels.check_lo_step            # exit 0: all cases agree, 1: a mismatch, 2: no CUDA
-    python -m kernels.check_lo_step --record   # and, when all agree, trust this device class by default
-                                               # (adds it to kernels/gpu_checks.json; commit that file)
+    python bench/check_lo_step.py            # exit 0: all cases agree, 1: a mismatch, 2: no CUDA
+    python bench/check_lo_step.py --record   # and, when all agree, trust this device class by default
+                                             # (adds it to kernels/gpu_checks.json; commit that file)
 
-Runs in its own process on purpose: ``tests/test_kernels.py`` switches its process to the Triton
-interpreter, so ``tests/test_kernels_cuda.py`` calls this script in a subprocess. Cases: the default
+Runs in its own process on purpose: the kernel tests import triton under its interpreter in the test
+process (``tests/triton_interpreter.py``), so ``tests/test_kernels_cuda.py`` calls this script in a
+subprocess. Cases: the default
 config (design "controller", fraction-of-training time features, rms step scale), the legacy design with
 a learned-term-dominated step, the "normalized" design and the "width" step scale without time features;
 0-d / 1-d / 2-d / 3-d / 4-d and odd shapes, tensors spanning many chunks and reduction segments at the

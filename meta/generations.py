@@ -64,8 +64,8 @@ import torch
 from meta import distributed as D
 from meta import safety
 from meta.config import GenConfig, RunConfig
-from meta.evaluate import TUNED_ADAM
 from meta.eval_cache import EvalCache
+from meta.evidence import Evidence
 from meta.governor import Candidate, Governor, Verdict
 from meta.lineage import (ADOPTED, KEY_ENV, PENDING, REJECTED, Lineage, LineageError, canonical_hash, lineage_key,
                           weights_digest)
@@ -488,11 +488,12 @@ class GenerationRunner:
         return record
 
     def review(self, g: int, cand: MetaTrainer, control: MetaTrainer | None,
-               incumbent: Candidate | None) -> tuple[Verdict, dict]:
+               incumbent: Candidate | None) -> tuple[Verdict, Evidence]:
         path = gen_dir(self.run_dir, g) / "review.json"
         data = D.run_on_main(_read_json, path)
         if data is not None and _review_digest(data) == data.get("digest"):
-            return Verdict(**data["verdict"]), data["evidence"]  # reviewed before a crash: deterministic, reuse
+            # reviewed before a crash: deterministic, reuse
+            return Verdict(**data["verdict"]), Evidence.from_json(data["evidence"])
         if data is not None:
             self.log(f"gen {g}: the cached review {path} does not match its digest (edited, damaged, or "
                      f"signed with another {KEY_ENV}); reviewing again")
@@ -512,25 +513,25 @@ class GenerationRunner:
         verdict, ev = gov.review(candidate, incumbent, extra)  # evaluations sharded across ranks
         self.log(f"gen {g}: review done; evaluation cache: {self.eval_cache.hits} task records reused, "
                  f"{self.eval_cache.misses} computed")
-        results = ev.pop("held_out_results", None)
+        results, ev.held_out_results = ev.held_out_results, None  # written apart, not into review.json
         verdict, ev = D.broadcast_object((verdict, ev))  # rank 0's: its step-time bound decides for all
 
         def write() -> None:
             if results is not None:
-                ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results)
-            body = {"verdict": verdict.to_dict(), "evidence": _jsonable(ev)}
+                ckpt.atomic_write_json(gen_dir(self.run_dir, g) / "held_out_results.json", results.to_json())
+            body = {"verdict": verdict.to_dict(), "evidence": _jsonable(ev.to_json())}
             ckpt.atomic_write_json(path, {**body, "digest": _review_digest(body)})
 
         D.run_on_main(write)
         return verdict, ev
 
-    def record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
+    def record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: Evidence, *,
                parent: int | None, trained_by: str, seconds: float, search: dict | None = None) -> dict:
         """Write the weights and append the lineage entry (rank 0; every rank returns the entry)."""
         return D.run_on_main(self._record, g, cand, control, verdict, ev, parent=parent, trained_by=trained_by,
                              seconds=seconds, search=search)
 
-    def _record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: dict, *,
+    def _record(self, g: int, cand: MetaTrainer, control: MetaTrainer | None, verdict: Verdict, ev: Evidence, *,
                 parent: int | None, trained_by: str, seconds: float, search: dict | None = None) -> dict:
         mode = self.cfg.gen.approval
         if verdict.decision == "reject":
@@ -645,20 +646,10 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def summary_metrics(ev: dict) -> dict[str, float]:
-    """Means of the held-out scores (log loss vs tuned Adam) by optimizer and horizon, for lineage/plots."""
-    out: dict[str, float] = {}
-    for label, per in ev.get("held_out", {}).items():
-        for name, d in per.items():
-            if name == TUNED_ADAM:
-                continue
-            s = d["scores"]
-            out[f"{name}/{label}/score"] = sum(s) / len(s)
-            out[f"{name}/{label}/speedup"] = sum(d["speedups"]) / len(d["speedups"])
-    if "meta_train" in ev:
-        s = ev["meta_train"]["H"]["candidate"]["scores"]
-        out["candidate/meta_train/H/score"] = sum(s) / len(s)
-    return out
+def summary_metrics(ev: Evidence | dict) -> dict[str, float]:
+    """Means of the held-out scores (log loss vs tuned Adam) by optimizer and horizon, for lineage/plots
+    (:meth:`meta.evidence.Evidence.summary_metrics`; ``ev`` may be its JSON)."""
+    return Evidence.from_json(ev).summary_metrics()
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meta import stats
+from meta.evidence import Evidence
 from meta.lineage import ADOPTED, PENDING, REJECTED, Lineage
 
 STATUS_COLORS = {ADOPTED: "tab:green", REJECTED: "tab:red", PENDING: "tab:orange"}
@@ -32,7 +33,7 @@ def generation_rows(run_dir: str | Path) -> list[dict[str, Any]]:
     for g in sorted(st.records):
         rec = st.records[g]
         review = Path(run_dir) / f"gen-{g:04d}" / "review.json"
-        ev = json.loads(review.read_text())["evidence"] if review.exists() else {}
+        ev = Evidence.from_json(json.loads(review.read_text())["evidence"] if review.exists() else {})
         row: dict[str, Any] = {
             "generation": g, "status": st.status[g], "decision": rec["verdict"]["decision"],
             "trained_by": rec["trained_by"], "parent": rec["parent"], "num_theta": rec["num_theta"],
@@ -41,12 +42,12 @@ def generation_rows(run_dir: str | Path) -> list[dict[str, Any]]:
         }
         if rec.get("search") is not None:  # the architecture was chosen by search (meta/search.py)
             row["search"] = rec["search"]
-        for label, per in ev.get("held_out", {}).items():
-            row["scores"][label] = {name: _mean_ci(d["scores"]) for name, d in per.items()}
-            cand = per["candidate"]["scores"]
+        for label, per in (ev.held_out.horizons if ev.held_out is not None else {}).items():
+            row["scores"][label] = {name: _mean_ci(run.scores) for name, run in per.items()}
+            cand = per["candidate"].scores
             for key, other in (("vs_control", "control"), ("vs_predecessor", "incumbent")):
                 if other in per:
-                    diff = [b - a for a, b in zip(cand, per[other]["scores"])]  # > 0: candidate better
+                    diff = [b - a for a, b in zip(cand, per[other].scores)]  # > 0: candidate better
                     row[key][label] = _mean_ci(diff)
         rows.append(row)
     return rows

@@ -61,6 +61,7 @@ from meta import stats
 from meta.config import GovernorConfig
 from meta.eval_cache import EvalCache
 from meta.evaluate import TUNED_ADAM, evaluate
+from meta.evidence import BoundsEvidence, Evidence, LoopEvidence, RunScores, SplitEvidence
 from meta.results import EvalResults
 from optimizers.base import Optimizer, for_horizon
 from optimizers.hand import Adam
@@ -168,16 +169,15 @@ class Governor:
 
     # ---- evidence ---------------------------------------------------------------------------
     def gather(self, candidate: Candidate, incumbent: Candidate | None,
-               extra: dict[str, Optimizer] | None = None) -> dict[str, Any]:
-        """Run everything the decision needs; returns JSON-able evidence. ``extra`` optimizers (e.g.
-        the control arm) ride along in the decision-split evaluation for the report only."""
+               extra: dict[str, Optimizer] | None = None) -> Evidence:
+        """Run everything the decision needs; returns the evidence (JSON: :meth:`Evidence.to_json`).
+        ``extra`` optimizers (e.g. the control arm) ride along in the decision-split evaluation for the
+        report only."""
         c = self.cfg
-        ev: dict[str, Any] = {"candidate": candidate.name,
-                              "incumbent": incumbent.name if incumbent else TUNED_ADAM,
-                              "horizon": self.horizon, "long_horizon": self.horizon * c.long_factor}
-        ev["bounds"] = self._bounds_evidence(candidate)
-        b = ev["bounds"]
-        if not b["finite"] or b["num_theta"] > c.max_theta or b["flops_per_element"] > c.max_flops_per_element:
+        ev = Evidence(candidate=candidate.name, incumbent=incumbent.name if incumbent else TUNED_ADAM,
+                      horizon=self.horizon, long_horizon=self.horizon * c.long_factor)
+        ev.bounds = b = self._bounds_evidence(candidate)
+        if not b.finite or b.num_theta > c.max_theta or b.flops_per_element > c.max_flops_per_element:
             return ev  # cannot or must not be run at scale: rejected on bounds, nothing expensive runs
         # other bound failures are still rejections, but the evaluation runs so the report can compare
         opts = {"candidate": candidate.bind()}
@@ -188,56 +188,55 @@ class Governor:
             held = evaluate(opts, self.dist, split="held_out", num_tasks=c.num_tasks, horizon=self.horizon,
                             long_horizon=self.horizon * c.long_factor, adam_lrs=c.adam_lrs, sgdm_lrs=None,
                             seed=c.seed, progress=self.progress, cache=self.cache)
-            ev["held_out"] = self._scores(held, list(opts))
-            ev["held_out_results"] = held.to_json()
+            ev.held_out = self._scores(held, list(opts))
+            ev.held_out_results = held
             train_idx = list(dict.fromkeys(int(i) for i in candidate.train_task_indices))[: c.train_tasks]
             if train_idx:
                 train = evaluate({"candidate": opts["candidate"]}, TaskSubset(self.dist, train_idx),
                                  split="meta_train", num_tasks=len(train_idx), horizon=self.horizon,
                                  long_horizon=self.horizon, adam_lrs=c.adam_lrs, sgdm_lrs=None, seed=c.seed,
                                  progress=self.progress, cache=self.cache)
-                ev["meta_train"] = {"task_indices": train_idx, **self._scores(train, ["candidate"])}
+                ev.meta_train = self._scores(train, ["candidate"])
+                ev.meta_train.task_indices = train_idx
         if c.loop_steps and self.loop_trainer is not None:
-            ev["loop"] = self._loop_evidence(candidate, incumbent)
+            ev.loop = self._loop_evidence(candidate, incumbent)
         return ev
 
-    def _scores(self, results: EvalResults, names: list[str]) -> dict[str, Any]:
+    def _scores(self, results: EvalResults, names: list[str]) -> SplitEvidence:
         """Per horizon and optimizer: scores, speed-ups and divergences, where a run counts as diverged
         also when its loss blew up while staying finite (:meth:`meta.results.HorizonResult.blew_up`);
         ``nonfinite`` keeps the evaluation's own count (non-finite minibatch losses only)."""
-        out: dict[str, Any] = {}
+        out = SplitEvidence()
         f = self.cfg.diverge_factor
         for label in results.labels:
-            out[label] = {}
+            out.horizons[label] = {}
             for n in [*names, TUNED_ADAM]:
                 bad = results.diverged_tasks(n, label, f)
-                out[label][n] = {"scores": results.task_scores(n, label) if n != TUNED_ADAM else
-                                 [0.0] * len(results.tasks), "speedups": results.speedups(n, label),
-                                 "diverged": len(bad), "diverged_tasks": bad,
-                                 "nonfinite": results.divergences(n, label)}
+                out.horizons[label][n] = RunScores(
+                    scores=results.task_scores(n, label) if n != TUNED_ADAM else [0.0] * len(results.tasks),
+                    speedups=results.speedups(n, label), diverged=len(bad), diverged_tasks=bad,
+                    nonfinite=results.divergences(n, label))
         return out
 
-    def _bounds_evidence(self, candidate: Candidate) -> dict[str, Any]:
+    def _bounds_evidence(self, candidate: Candidate) -> BoundsEvidence:
         c = self.cfg
         lopt = candidate.lopt
-        ev = {
-            "finite": all(bool(torch.isfinite(v).all()) for v in candidate.theta.values()),
-            "num_theta": lopt.num_theta(),
-            "flops_per_element": lopt.flops_per_element(),
-            "state_floats_per_element": lopt.state_floats_per_element(),
-        }
-        if not ev["finite"]:
+        ev = BoundsEvidence(finite=all(bool(torch.isfinite(v).all()) for v in candidate.theta.values()),
+                            num_theta=lopt.num_theta(), flops_per_element=lopt.flops_per_element(),
+                            state_floats_per_element=lopt.state_floats_per_element())
+        if not ev.finite:
             return ev
         probe = list(range(c.probe_tasks))
         with torch.no_grad():
             cand = probe_updates(candidate.bind(), self.dist, probe, c.probe_steps, c.seed)
             adam = probe_updates(Adam(lr=1e-3), self.dist, probe, c.probe_steps, c.seed)
-        ev.update(max_update_ratio=cand["max_update_ratio"], probe_finite=cand["finite"],
-                  step_time_ratio=cand["seconds_per_step"] / max(adam["seconds_per_step"], 1e-9),
-                  seconds_per_step=cand["seconds_per_step"])
+        ev.max_update_ratio = cand["max_update_ratio"]
+        ev.probe_finite = cand["finite"]
+        ev.step_time_ratio = cand["seconds_per_step"] / max(adam["seconds_per_step"], 1e-9)
+        ev.seconds_per_step = cand["seconds_per_step"]
         return ev
 
-    def _loop_evidence(self, candidate: Candidate, incumbent: Candidate | None) -> dict[str, Any]:
+    def _loop_evidence(self, candidate: Candidate, incumbent: Candidate | None) -> LoopEvidence:
         from optimizers.transforms import scale_updates
 
         c = self.cfg
@@ -250,66 +249,72 @@ class Governor:
                            self.dist, split="held_out", num_tasks=c.loop_tasks, horizon=self.horizon,
                            long_horizon=self.horizon, adam_lrs=c.adam_lrs, sgdm_lrs=None, seed=c.seed + 1,
                            progress=self.progress, cache=self.cache)
-        return {"by_candidate": res.task_scores("by_candidate", "H"),
-                "by_incumbent": res.task_scores("by_incumbent", "H"),
-                "finite": all(bool(torch.isfinite(v).all()) for v in cand_theta.values())}
+        return LoopEvidence(by_candidate=res.task_scores("by_candidate", "H"),
+                            by_incumbent=res.task_scores("by_incumbent", "H"),
+                            finite=all(bool(torch.isfinite(v).all()) for v in cand_theta.values()))
 
     # ---- decision (pure) ----------------------------------------------------------------------
-    def decide_bounds(self, b: dict[str, Any]) -> dict:
+    def decide_bounds(self, b: BoundsEvidence | dict[str, Any]) -> dict:
+        """An absent measurement fails its bound (fail closed)."""
         c = self.cfg
+        if isinstance(b, dict):
+            b = BoundsEvidence.from_json(b)
         problems = []
-        if not b.get("finite", False):
+        if not _or(b.finite, False):
             problems.append("non-finite learned-optimizer weights")
-        if b.get("num_theta", math.inf) > c.max_theta:
-            problems.append(f"{b['num_theta']} weights > bound {c.max_theta}")
-        if b.get("flops_per_element", math.inf) > c.max_flops_per_element:
-            problems.append(f"{b['flops_per_element']} FLOPs/element > bound {c.max_flops_per_element}")
-        if b.get("state_floats_per_element", math.inf) > c.max_state_floats:
-            problems.append(f"{b['state_floats_per_element']} state floats/element > bound {c.max_state_floats}")
-        if "max_update_ratio" in b or b.get("finite", False):
-            if not b.get("probe_finite", False):
+        if _or(b.num_theta, math.inf) > c.max_theta:
+            problems.append(f"{b.num_theta} weights > bound {c.max_theta}")
+        if _or(b.flops_per_element, math.inf) > c.max_flops_per_element:
+            problems.append(f"{b.flops_per_element} FLOPs/element > bound {c.max_flops_per_element}")
+        if _or(b.state_floats_per_element, math.inf) > c.max_state_floats:
+            problems.append(f"{b.state_floats_per_element} state floats/element > bound {c.max_state_floats}")
+        if b.max_update_ratio is not None or _or(b.finite, False):
+            if not _or(b.probe_finite, False):
                 problems.append("non-finite update on a probe task")
-            elif not b.get("max_update_ratio", math.inf) <= c.max_update_ratio:
-                problems.append(f"update/parameter norm ratio {b['max_update_ratio']:.3g} > bound "
+            elif not _or(b.max_update_ratio, math.inf) <= c.max_update_ratio:
+                problems.append(f"update/parameter norm ratio {b.max_update_ratio:.3g} > bound "
                                 f"{c.max_update_ratio}")
-            if not b.get("step_time_ratio", math.inf) <= c.max_step_time_ratio:
-                problems.append(f"step time {b.get('step_time_ratio', math.inf):.3g}x Adam's > bound "
+            if not _or(b.step_time_ratio, math.inf) <= c.max_step_time_ratio:
+                problems.append(f"step time {_or(b.step_time_ratio, math.inf):.3g}x Adam's > bound "
                                 f"{c.max_step_time_ratio}x")
-        return _check(not problems, {k: v for k, v in b.items()}, {
+        return _check(not problems, b.to_json(), {
             "max_theta": c.max_theta, "max_flops_per_element": c.max_flops_per_element,
             "max_state_floats": c.max_state_floats, "max_update_ratio": c.max_update_ratio,
             "max_step_time_ratio": c.max_step_time_ratio}, "; ".join(problems) or "within bounds")
 
-    def _improvement(self, ev_label: dict, other: str) -> tuple[list[float], dict]:
-        cand, inc = ev_label["candidate"]["scores"], ev_label[other]["scores"]
+    def _improvement(self, ev_label: dict[str, RunScores], other: str) -> tuple[list[float], dict]:
+        cand, inc = ev_label["candidate"].scores, ev_label[other].scores
         diffs = [b - a for a, b in zip(cand, inc)]
         ci = stats.bootstrap_ci(diffs, self.cfg.level, n_boot=self.cfg.bootstrap, seed=self.cfg.seed)
         return diffs, ci
 
-    def decide(self, ev: dict[str, Any]) -> Verdict:
+    def decide(self, ev: Evidence | dict[str, Any]) -> Verdict:
+        """``ev``: gathered evidence, or its JSON (a written ``review.json``'s, or planted and partial)."""
         c = self.cfg
-        checks: dict[str, dict] = {"bounds": self.decide_bounds(ev.get("bounds", {}))}
+        ev = Evidence.from_json(ev)
+        checks: dict[str, dict] = {"bounds": self.decide_bounds(ev.bounds or BoundsEvidence())}
         improvement = None
         if checks["bounds"]["passed"]:
-            other = "incumbent" if ev.get("incumbent") != TUNED_ADAM else TUNED_ADAM
-            held = ev["held_out"]
+            other = "incumbent" if ev.incumbent != TUNED_ADAM else TUNED_ADAM
+            if ev.held_out is None:
+                raise KeyError("held_out")
+            held = ev.held_out.horizons
             H = held["H"]
             _, ci = self._improvement(H, other)
             improvement = ci["mean"]
-            sp_c = sum(H["candidate"]["speedups"]) / len(H["candidate"]["speedups"])
-            sp_i = sum(H[other]["speedups"]) / len(H[other]["speedups"])
-            ok = ci["lo"] is not None and ci["lo"] > c.min_improvement and H["candidate"]["diverged"] == 0 \
-                and sp_c >= sp_i
+            sp_c = H["candidate"].mean_speedup()
+            sp_i = H[other].mean_speedup()
+            cand_diverged = H["candidate"].diverged
+            ok = ci["lo"] is not None and ci["lo"] > c.min_improvement and cand_diverged == 0 and sp_c >= sp_i
             checks["generalisation"] = _check(
                 ok, {"mean_improvement": ci["mean"], "ci": [ci["lo"], ci["hi"]], "speedup": sp_c,
-                     "incumbent_speedup": sp_i, "diverged": H["candidate"]["diverged"]},
+                     "incumbent_speedup": sp_i, "diverged": cand_diverged},
                 {"ci_lo_above": c.min_improvement, "level": c.level},
-                f"improvement over {ev.get('incumbent')} {ci['mean']:+.3f} "
+                f"improvement over {ev.incumbent} {ci['mean']:+.3f} "
                 f"[{_f(ci['lo'])}, {_f(ci['hi'])}] (log loss vs tuned Adam), speed-up {sp_c:.2f} vs {sp_i:.2f}"
-                + (f", {H['candidate']['diverged']} diverged" if H["candidate"]["diverged"] else ""))
-            if "meta_train" in ev:
-                tr = ev["meta_train"]["H"]["candidate"]["scores"]
-                gap = sum(H["candidate"]["scores"]) / len(H["candidate"]["scores"]) - sum(tr) / len(tr)
+                + (f", {cand_diverged} diverged" if cand_diverged else ""))
+            if ev.meta_train is not None:
+                gap = H["candidate"].mean_score() - ev.meta_train.run("H", "candidate").mean_score()
                 checks["overfit"] = _check(gap <= c.max_overfit_gap, gap, c.max_overfit_gap,
                                            f"held-out minus meta-train score {gap:+.3f} (bound {c.max_overfit_gap})")
             else:
@@ -317,19 +322,20 @@ class Governor:
             long_label = next(k for k in held if k != "H") if len(held) > 1 else "H"
             L = held[long_label]
             _, lci = self._improvement(L, other)
-            ok = L["candidate"]["diverged"] == 0 and lci["mean"] >= -c.long_tolerance
+            long_diverged = L["candidate"].diverged
+            ok = long_diverged == 0 and lci["mean"] >= -c.long_tolerance
             checks["horizon"] = _check(
                 ok, {"mean_improvement": lci["mean"], "ci": [lci["lo"], lci["hi"]],
-                     "diverged": L["candidate"]["diverged"], "label": long_label},
+                     "diverged": long_diverged, "label": long_label},
                 -c.long_tolerance,
                 f"at {long_label}: improvement {lci['mean']:+.3f} [{_f(lci['lo'])}, {_f(lci['hi'])}], "
-                f"{L['candidate']['diverged']} diverged")
+                f"{long_diverged} diverged")
             checks["divergence"] = self._decide_divergence(ev)
-            if "loop" in ev:
-                lp = ev["loop"]
-                d = [a - b for a, b in zip(lp["by_candidate"], lp["by_incumbent"])]
+            if ev.loop is not None:
+                lp = ev.loop
+                d = [a - b for a, b in zip(lp.by_candidate, lp.by_incumbent)]
                 gap = sum(d) / len(d)
-                checks["loop"] = _check(lp["finite"] and gap <= c.loop_tolerance, gap, c.loop_tolerance,
+                checks["loop"] = _check(lp.finite and gap <= c.loop_tolerance, gap, c.loop_tolerance,
                                         f"LO meta-trained by the candidate scores {gap:+.3f} vs by the "
                                         f"incumbent (bound {c.loop_tolerance:+})")
         failed = [k for k, v in checks.items() if not v["passed"]]
@@ -346,28 +352,29 @@ class Governor:
                                     f"human's approval"), *reasons], checks, improvement)
         return Verdict("adopt", reasons, checks, improvement)
 
-    def _decide_divergence(self, ev: dict[str, Any]) -> dict:
+    def _decide_divergence(self, ev: Evidence) -> dict:
         """Any diverged candidate run at any horizon, on the decision split or its meta-training tasks,
         rejects, whatever the mean score says."""
         found = {}
-        for split in ("held_out", "meta_train"):
-            for label, per in (ev.get(split) or {}).items():
-                if isinstance(per, dict) and "candidate" in per and per["candidate"].get("diverged"):
-                    found[f"{split}/{label}"] = per["candidate"]["diverged"]
+        for split, scores in (("held_out", ev.held_out), ("meta_train", ev.meta_train)):
+            for label, per in (scores.horizons if scores is not None else {}).items():
+                if "candidate" in per and per["candidate"].diverged:
+                    found[f"{split}/{label}"] = per["candidate"].diverged
         what = ", ".join(f"{n} at {k}" for k, n in found.items())
         return _check(not found, found, 0,
                       f"diverged runs ({what}): a loss non-finite, above {self.cfg.diverge_factor:g}x its initial "
                       f"loss or at the task's loss ceiling" if found else "no diverged run at any horizon")
 
-    def _decide_ceiling(self, ev: dict[str, Any], other: str) -> dict:
+    def _decide_ceiling(self, ev: Evidence, other: str) -> dict:
         """Capability ceiling: mean improvement over tuned Adam and over the incumbent, at every horizon."""
         c = self.cfg
         over_adam, over_inc = {}, {}
-        for label, per in ev["held_out"].items():
-            s = per["candidate"]["scores"]
+        assert ev.held_out is not None  # decide reads it first
+        for label, per in ev.held_out.horizons.items():
+            s = per["candidate"].scores
             over_adam[label] = -sum(s) / len(s)
             if other != TUNED_ADAM:
-                d = [b - a for a, b in zip(s, per[other]["scores"])]
+                d = [b - a for a, b in zip(s, per[other].scores)]
                 over_inc[label] = sum(d) / len(d)
         worst_adam, worst_inc = max(over_adam.values()), max(over_inc.values(), default=-math.inf)
         hold = worst_adam > c.ceiling_vs_adam or worst_inc > c.ceiling_vs_incumbent
@@ -384,10 +391,10 @@ class Governor:
                 "reason": ("over the ceiling: " if hold else "under the ceiling: ") + reason}
 
     def review(self, candidate: Candidate, incumbent: Candidate | None,
-               extra: dict[str, Optimizer] | None = None) -> tuple[Verdict, dict[str, Any]]:
-        """Gather evidence and decide; any exception rejects (fail closed)."""
+               extra: dict[str, Optimizer] | None = None) -> tuple[Verdict, Evidence]:
+        """Gather evidence and decide; any exception rejects (fail closed) with no evidence."""
         t0 = time.perf_counter()
-        ev: dict[str, Any] = {}
+        ev = Evidence()
         try:
             ev = self.gather(candidate, incumbent, extra)
             verdict = self.decide(ev)
@@ -396,6 +403,11 @@ class Governor:
                               {"error": {"passed": False, "traceback": traceback.format_exc(limit=8)}})
         verdict.seconds = time.perf_counter() - t0
         return verdict, ev
+
+
+def _or(x: Any, default: Any) -> Any:
+    """``x``, or ``default`` where the measurement is absent."""
+    return default if x is None else x
 
 
 def _f(x: float | None) -> str:

@@ -263,17 +263,19 @@ class Governor:
         if not _or(b.finite, False):
             problems.append("non-finite learned-optimizer weights")
         if _or(b.num_theta, math.inf) > c.max_theta:
-            problems.append(f"{b.num_theta} weights > bound {c.max_theta}")
+            problems.append(f"{_need(b.num_theta, 'num_theta')} weights > bound {c.max_theta}")
         if _or(b.flops_per_element, math.inf) > c.max_flops_per_element:
-            problems.append(f"{b.flops_per_element} FLOPs/element > bound {c.max_flops_per_element}")
+            problems.append(f"{_need(b.flops_per_element, 'flops_per_element')} "
+                            f"FLOPs/element > bound {c.max_flops_per_element}")
         if _or(b.state_floats_per_element, math.inf) > c.max_state_floats:
-            problems.append(f"{b.state_floats_per_element} state floats/element > bound {c.max_state_floats}")
+            problems.append(f"{_need(b.state_floats_per_element, 'state_floats_per_element')} "
+                            f"state floats/element > bound {c.max_state_floats}")
         if b.max_update_ratio is not None or _or(b.finite, False):
             if not _or(b.probe_finite, False):
                 problems.append("non-finite update on a probe task")
             elif not _or(b.max_update_ratio, math.inf) <= c.max_update_ratio:
-                problems.append(f"update/parameter norm ratio {b.max_update_ratio:.3g} > bound "
-                                f"{c.max_update_ratio}")
+                ratio = _need(b.max_update_ratio, "max_update_ratio")
+                problems.append(f"update/parameter norm ratio {ratio:.3g} > bound {c.max_update_ratio}")
             if not _or(b.step_time_ratio, math.inf) <= c.max_step_time_ratio:
                 problems.append(f"step time {_or(b.step_time_ratio, math.inf):.3g}x Adam's > bound "
                                 f"{c.max_step_time_ratio}x")
@@ -403,6 +405,13 @@ class Governor:
                               {"error": {"passed": False, "traceback": traceback.format_exc(limit=8)}})
         verdict.seconds = time.perf_counter() - t0
         return verdict, ev
+
+
+def _need(x: Any, name: str) -> Any:
+    """``x``; an absent measurement the reason must quote raises, as reading the evidence dict did."""
+    if x is None:
+        raise KeyError(name)
+    return x
 
 
 def _or(x: Any, default: Any) -> Any:

@@ -167,7 +167,7 @@ def test_governor_readings_equal_the_json_read_by_hand(results):
                 i for i, t in enumerate(js["tasks"]) if _diverged_by_hand(t, name, label)]
     assert results.divergences("nan", "H") == 2  # the readings see a flagged run (not a vacuous comparison)
     gov = Governor(GovernorConfig(bootstrap=200, diverge_factor=FACTOR), None, 5)
-    held = gov._scores(results, ["candidate", "incumbent"])
+    held = gov._scores(results, ["candidate", "incumbent"]).to_json()
     assert held == _evidence_by_hand(js, ["candidate", "incumbent"])
     bounds = {"finite": True, "num_theta": 10, "flops_per_element": 10, "state_floats_per_element": 3,
               "max_update_ratio": 0.01, "probe_finite": True, "step_time_ratio": 1.0}

@@ -114,7 +114,7 @@ def test_a_finite_blow_up_counts_as_diverged_and_rejects():
     assert all(not r["candidate"]["10H"].diverged for r in results.tasks)  # evaluate's view
     gov = Governor(replace(GovernorConfig(num_tasks=6, bootstrap=500), **{**LAX, "long_tolerance": 100.0}),
                    None, 10)
-    held = gov._scores(results, ["candidate"])
+    held = gov._scores(results, ["candidate"]).to_json()
     assert held["10H"]["candidate"]["diverged"] == 1 and held["10H"]["candidate"]["nonfinite"] == 0
     assert held["10H"]["candidate"]["diverged_tasks"] == [5] and held["H"]["candidate"]["diverged"] == 0
     ev = {"candidate": "c", "incumbent": "tuned_adam", "held_out": held,
@@ -126,7 +126,7 @@ def test_a_finite_blow_up_counts_as_diverged_and_rejects():
     assert v.decision == "reject" and not v.checks["divergence"]["passed"]  # ...rejected whatever the mean
     assert "1 at held_out/10H" in v.checks["divergence"]["reason"]
     # the same evidence without the blown-up task is adopted: the check is what rejects
-    ok = gov.decide({**ev, "held_out": gov._scores(_results(good, {"H": 10, "10H": 100}), ["candidate"])})
+    ok = gov.decide({**ev, "held_out": gov._scores(_results(good, {"H": 10, "10H": 100}), ["candidate"]).to_json()})
     assert ok.decision == "adopt", ok.reasons
 
 

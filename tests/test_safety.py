@@ -171,8 +171,8 @@ def test_a_real_late_blow_up_is_seen_by_the_governor_not_by_the_evaluation():
     assert all(not t["candidate"]["4H"].diverged for t in res.tasks)  # losses stayed finite
     gov = Governor(GovernorConfig(num_tasks=3), None, 10)
     held = gov._scores(res, ["candidate"])
-    assert held["H"]["candidate"]["diverged"] == 0  # fine before the blow-up
-    assert held["4H"]["candidate"]["diverged"] == 2 and held["4H"]["candidate"]["nonfinite"] == 0
+    assert held.run("H", "candidate").diverged == 0  # fine before the blow-up
+    assert held.run("4H", "candidate").diverged == 2 and held.run("4H", "candidate").nonfinite == 0
 
 
 # ---- capability ceiling -----------------------------------------------------------------------------

@@ -160,8 +160,8 @@ def loop_score(out: Path) -> dict:
     gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop)
     cand = Candidate("variant", lopt, theta, horizon=cfg.meta.horizon, outer_scale=outer_scale(cfg, lopt.config))
     ev = gov._loop_evidence(cand, None)
-    diffs = [a - b for a, b in zip(ev["by_candidate"], ev["by_incumbent"])]
-    return {"diffs": diffs, **_ci(diffs), "finite": ev["finite"], "loop_steps": cfg.gov.loop_steps,
+    diffs = [a - b for a, b in zip(ev.by_candidate, ev.by_incumbent)]
+    return {"diffs": diffs, **_ci(diffs), "finite": ev.finite, "loop_steps": cfg.gov.loop_steps,
             "loop_tasks": cfg.gov.loop_tasks}
 
 

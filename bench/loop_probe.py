@@ -115,5 +115,5 @@ if opts.get("ratios"):
     sys.exit(0)
 gov = Governor(cfg.gov, dist, cfg.meta.horizon, loop_trainer=loop, progress=False)
 ev = gov._loop_evidence(ProbeCandidate("c", lopt, theta, horizon=cfg.meta.horizon, outer_scale=scale), None)
-d = [a - b for a, b in zip(ev["by_candidate"], ev["by_incumbent"])]
+d = [a - b for a, b in zip(ev.by_candidate, ev.by_incumbent)]
 print(" ".join(sys.argv[1:]) or "as-governed", f"scale={scale:.3g}", stats.mean_ci(d, 0.95, "t"), flush=True)

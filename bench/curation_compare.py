@@ -23,7 +23,8 @@ Adam grid, H and 10H) and ~12 minutes of suite. ``--steps 4 --population 2 --hor
 suite) on the shared machine.
 
 Verdict rule: curation becomes the default only if it wins, i.e. the
-held-out interval lies below zero and the suite's pooled interval does not lie above it.
+held-out training-loss interval at H lies below zero, no held-out validation-loss interval lies above zero
+(at any horizon), and the suite's pooled interval does not lie above zero.
 """
 
 from __future__ import annotations
@@ -164,6 +165,12 @@ def verdict(results: dict) -> str:
         return "inconclusive (too few tasks for an interval)"
     pooled = (results.get("suite") or {}).get("pooled", {}).get("H")
     suite_ok = pooled is None or pooled.get("lo") is None or pooled["lo"] <= 0
+    # validation loss is part of the default's acceptance: a significant loss there at any horizon vetoes
+    worse_valid = [label for label in results["held_out"].get("horizons", ["H"])
+                   if (results["held_out"].get(label, {}).get("valid_loss", {}).get("lo") or 0) > 0]
+    if h["hi"] < 0 and suite_ok and worse_valid:
+        return (f"curation wins on training loss at H but its validation loss is significantly worse at "
+                f"{', '.join(worse_valid)}: keep uniform")
     if h["hi"] < 0 and suite_ok:
         return "curation wins on the held-out split at H (and does not lose on the suite): candidate default"
     if h["lo"] > 0:

@@ -18,27 +18,16 @@ from meta.results import EvalResults, HorizonResult, TaskResult
 from optimizers import Adam
 from optimizers.learned import LearnedOptimizer, LOConfig
 from tasks import get_distribution
+from planted_optimizers import NaNAfter
 
 FACTOR = 2.0
-
-
-class NaNAt3:
-    """Plain SGD whose parameters turn NaN at step 3: a run the evaluation flags as diverged."""
-
-    def init(self, params):
-        return {"step": 0}
-
-    def update(self, grads, state, params, *, loss=None):
-        step = state["step"] + 1
-        scale = float("nan") if step >= 3 else 1.0
-        return {k: (p - 0.01 * grads[k]) * scale for k, p in params.items()}, {"step": step}
 
 
 @pytest.fixture(scope="module")
 def results() -> EvalResults:
     """A small deterministic evaluation: 2 tasks of the default distribution, short horizons, 1 process."""
     lopt = LearnedOptimizer(LOConfig(hidden_width=8, hidden_layers=1))
-    opts = {"candidate": lopt.bind(lopt.init_theta(0)), "incumbent": Adam(lr=3e-3), "nan": NaNAt3()}
+    opts = {"candidate": lopt.bind(lopt.init_theta(0)), "incumbent": Adam(lr=3e-3), "nan": NaNAfter(3)}
     return evaluate(opts, get_distribution(RunConfig().meta.distribution), num_tasks=2, horizon=5, long_horizon=15,
                     adam_lrs=(1e-3, 1e-2, 1e-1), sgdm_lrs=(1e-2, 1e-1), seed=0, progress=False, workers=1)
 

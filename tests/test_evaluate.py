@@ -20,22 +20,11 @@ from meta.evaluate import (DEFAULT_ADAM_LRS, DEFAULT_SGDM_LRS, TUNED_ADAM, TUNED
                            curve_steps, evaluate, lr_grid, write_report)
 from optimizers import SGD, Adam  # noqa: E402
 from tasks import get_distribution  # noqa: E402
+from planted_optimizers import NaNAfter  # noqa: E402
 
 H, LONG = 10, 40
 GRID = (1e-3, 1e-2, 1e-1)
 NAN_AFTER = 5
-
-
-class NaNAfter:
-    """Plain SGD that turns every parameter into NaN at step ``NAN_AFTER``."""
-
-    def init(self, params):
-        return {"step": 0}
-
-    def update(self, grads, state, params, *, loss=None):
-        step = state["step"] + 1
-        scale = float("nan") if step >= NAN_AFTER else 1.0
-        return {k: (p - 0.01 * grads[k]) * scale for k, p in params.items()}, {"step": step}
 
 
 def single_name(lr: float) -> str:
@@ -46,7 +35,7 @@ def single_name(lr: float) -> str:
 def results():
     opts = {single_name(lr): Adam(lr=lr) for lr in GRID}
     opts["sgd_lr0"] = SGD(lr=0.0)
-    opts["nan_opt"] = NaNAfter()
+    opts["nan_opt"] = NaNAfter(NAN_AFTER)
     return evaluate(opts, get_distribution("digits_mlp"), num_tasks=3, horizon=H, long_horizon=LONG,
                     adam_lrs=GRID, sgdm_lrs=(1e-2, 1e-1), seed=0, progress=False, workers=1)
 

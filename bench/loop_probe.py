@@ -10,6 +10,8 @@ one thing changed at a time.
     python bench/loop_probe.py ckpt=runs/default/checkpoint
     python bench/loop_probe.py plain_small=3              # tensors of < 3 elements take the plain nominal step
                                                           # (the MLP's output zeroed there; theta's scalars)
+    python bench/loop_probe.py dist=digits_mlp          # the loop job on another task distribution
+    python bench/loop_probe.py seed_mult=2               # another loop seed (the governor uses g + 1)
     python bench/loop_probe.py ratios=1                   # only the candidate's 20 outer steps: its update
                                                           # RMS over Adam's (same meta-gradients, own state),
                                                           # per tensor of the outer problem (~1 minute)
@@ -45,6 +47,9 @@ if "plain_small" in opts:
     _B.update, _B._mlp = _upd, _mlp
 tensors, meta = ck.load(opts.get("ckpt", "runs/ablation/controller/checkpoint"))
 cfg = RunConfig.from_dict(meta["run_config"])
+if "dist" in opts:  # the loop job on another distribution than the checkpoint was meta-trained on
+    from dataclasses import replace
+    cfg = replace(cfg, meta=replace(cfg.meta, distribution=opts["dist"]))
 lopt, theta = ck.learned_optimizer_from(tensors, meta, "x")
 scale = float(opts.get("scale", cfg.meta.outer_lr / cfg.lo.nominal_lr))
 if opts.get("zero_mlp"):
@@ -75,7 +80,7 @@ class ProbeCandidate(Candidate):
 
 
 dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)
-loop = LoopTrainer(cfg, cfg.lo, seed=cfg.meta.seed + 7919)
+loop = LoopTrainer(cfg, cfg.lo, seed=cfg.meta.seed + 7919 * int(opts.get("seed_mult", 1)))
 
 if opts.get("ratios"):
     from optimizers.hand import Adam

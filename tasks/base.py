@@ -161,9 +161,17 @@ class TaskDistribution:
     overrides: dict[str, Any] = field(default_factory=dict)
     # task augmentation: keyword arguments of tasks.augment.sample_augment (empty: none)
     augment: dict[str, Any] = field(default_factory=dict)
+    # families seen in meta-training only: with probability ``train_prob`` a meta_train task is drawn
+    # from ``train_families`` instead (its own generator, so every other task and every evaluation
+    # split is exactly the distribution without them)
+    train_families: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
+    train_prob: float = 0.0
 
     def __post_init__(self) -> None:
-        for fam, _, w in self.families:
+        if not 0.0 <= self.train_prob <= 1.0 or (self.train_prob > 0) != bool(self.train_families):
+            raise TaskConfigError(f"train_prob must be in [0, 1] and > 0 exactly when train_families are "
+                                  f"given, got {self.train_prob} with {len(self.train_families)} families")
+        for fam, _, w in [*self.families, *self.train_families]:
             if fam not in FAMILIES:
                 raise TaskConfigError(f"unknown task family {fam!r}; known: {sorted(FAMILIES)}")
             if w <= 0:
@@ -193,9 +201,14 @@ class TaskDistribution:
     def config(self, split: str, index: int) -> TaskConfig:
         seed = self.task_seed(split, index)
         g = seeded("task", seed)
-        weights = torch.tensor([w for _, _, w in self.families], dtype=torch.float64)
+        families = self.families
+        if split == "meta_train" and self.train_prob > 0:
+            gt = seeded("train-families", seed)
+            if float(torch.rand((), generator=gt, dtype=torch.float64)) < self.train_prob:
+                families, g = self.train_families, gt
+        weights = torch.tensor([w for _, _, w in families], dtype=torch.float64)
         k = int(torch.multinomial(weights, 1, generator=g))
-        fam_name, fam_kwargs, _ = self.families[k]
+        fam_name, fam_kwargs, _ = families[k]
         cfg = FAMILIES[fam_name](**fam_kwargs).sample(g)
         cfg.update(self.overrides)
         cfg["family"] = fam_name
@@ -216,5 +229,7 @@ class TaskDistribution:
         spec = {"name": self.name, "families": self.families, "seed": self.seed, "overrides": self.overrides}
         if self.augment:  # absent when unused, so older distributions keep their digests
             spec["augment"] = self.augment
+        if self.train_families:
+            spec["train_families"], spec["train_prob"] = self.train_families, self.train_prob
         blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

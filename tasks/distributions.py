@@ -60,6 +60,12 @@ DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {
     # everything that needs no files: image nets on digits plus the synthetic families
     "mixed": lambda seed=0: TaskDistribution("mixed", _DIGITS_MIXED + _SYNTHETIC, seed=seed),
     "broad": lambda seed=0: TaskDistribution("broad", _BROAD, seed=seed, augment=dict(_BROAD_AUGMENT)),
+    # digits_mlp, plus (meta-training only) meta-training a tiny learned optimizer: the outer job of
+    # the recursion in the distribution (tasks/learned_optimizer_task.py); evaluation splits are
+    # exactly digits_mlp's
+    "digits_mlp_outer": lambda seed=0: TaskDistribution(
+        "digits_mlp_outer", [("image_mlp", {"dataset": "digits"}, 1.0)], seed=seed,
+        train_families=[("learned_optimizer", {}, 1.0)], train_prob=0.125),
     "mnist_mlp": _image_mlp("mnist_mlp", "mnist"),
     "fashion_mnist_mlp": _image_mlp("fashion_mnist_mlp", "fashion_mnist"),
     "cifar10_mlp": _image_mlp("cifar10_mlp", "cifar10"),

@@ -22,6 +22,7 @@ FAMILY_KWARGS = {
     "regression": {"datasets": ["synthetic", "digits"]},
     "quadratic": {},
     "tiny_transformer": {},
+    "learned_optimizer": {},
 }
 FAMS = sorted(FAMILY_KWARGS)
 
@@ -98,10 +99,13 @@ def train(task, opt, steps: int, seed: int = 0):
 
 
 ADAM_LR = {"image_mlp": 1e-2, "image_conv": 1e-2, "regression": 3e-2, "quadratic": 1e-1,
-           "tiny_transformer": 1e-2}
+           "tiny_transformer": 1e-2, "learned_optimizer": 1e-2}
 
 
 ADAM_STEPS = {"tiny_transformer": 60}
+# the learned_optimizer family's loss is the mean inner loss of a 2-4 step unroll from scratch: no
+# optimizer lowers that by much (measured: ratios 0.85-0.91 after 40 Adam steps), so a smaller margin
+IMPROVE_FACTOR = {"learned_optimizer": 0.95}
 
 
 def assert_adam_improves(task, family: str) -> None:
@@ -109,7 +113,7 @@ def assert_adam_improves(task, family: str) -> None:
     evaluation = task.full_batch("valid")
     before = float(task.loss(task.init_default(), evaluation))
     after = float(task.loss(train(task, Adam(lr=ADAM_LR[family]), ADAM_STEPS.get(family, 40)), evaluation))
-    assert after < 0.9 * before, (task.config, before, after)
+    assert after < IMPROVE_FACTOR.get(family, 0.9) * before, (task.config, before, after)
 
 
 @pytest.mark.parametrize("family", FAMS)

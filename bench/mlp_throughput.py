@@ -35,7 +35,9 @@ FLOPs and fractions (JSON ``mlp`` and ``steps``):
   wide); ``frac_of_same_shape_addmm = executed_gflops / chain_executed gflops`` (= the chain's time over
   the MLP's): how close the MLP comes to its own matmuls run back to back; the rest is its bias fold,
   ReLUs and dtype casts. Inside the step the MLP runs on groups of other row counts (up to one whole
-  large tensor, down to one bias vector), still compared with the chain at ``--rows`` rows.
+  large tensor, down to one bias vector): ``frac_of_same_rows_addmm`` compares it with the chain timed
+  at exactly the row counts of the step's MLP calls (``addmm_same_rows``), which separates what the MLP
+  loses from what matmuls of those shapes lose anyway (large operands out of cache, tiny calls' overhead).
 * ``mlp_share_of_step``: median over the instrumented steps of (MLP time / step time).
 
     python bench/mlp_throughput.py                  # full measurement, 1 thread -> bench/results/mlp_throughput.{json,md}
@@ -211,6 +213,7 @@ class MLPTimer:
 
     def reset(self) -> None:
         self.seconds, self.calls, self.rows = 0.0, 0, 0
+        self.row_counts: list[int] = []
 
     def __call__(self, x, tfeat=None):
         t = time.perf_counter()
@@ -218,11 +221,26 @@ class MLPTimer:
         self.seconds += time.perf_counter() - t
         self.calls += 1
         self.rows += x.shape[0]
+        self.row_counts.append(x.shape[0])
         return out
 
 
+def chain_at_rows(row_counts: list[int], executed_sizes: list[int], repeats: int) -> dict:
+    """The executed layers' addmm chain at the row counts of the step's MLP calls (one per group of
+    tensors): the same-shape reference *inside* the step, where a group is one whole large tensor
+    (rows far beyond the chunk, operands out of cache) or one small bias vector (call overhead)."""
+    per_rows = {}
+    for r in sorted(set(row_counts)):
+        per_rows[r] = _chain([addmm_layer(r, a, b, repeats) for a, b in zip(executed_sizes[:-1], executed_sizes[1:])])
+    s = sum(per_rows[r]["s"] for r in row_counts)
+    flops = sum(per_rows[r]["flops"] for r in row_counts)
+    return {"row_counts": {str(r): row_counts.count(r) for r in per_rows}, "flops": flops, "s": s,
+            "gflops": _gflops(flops, s)}
+
+
 def step_in_place(n: int, warmup: int, repeats: int, peak_gflops: float, chain_gflops: float,
-                  flops_per_element: int, executed_per_element: int) -> dict:
+                  flops_per_element: int, executed_per_element: int, executed_sizes: list[int],
+                  addmm_repeats: int) -> dict:
     """The whole ``update`` on ``shapes_for(n)`` (no autograd): clean median, then instrumented steps
     for the MLP's time inside it."""
     shapes = shapes_for(n)
@@ -251,6 +269,7 @@ def step_in_place(n: int, warmup: int, repeats: int, peak_gflops: float, chain_g
         step_s.append(time.perf_counter() - t)
         mlp_s.append(timer.seconds)
     mlp_med = statistics.median(mlp_s)
+    same_rows = chain_at_rows(timer.row_counts, executed_sizes, addmm_repeats)
     flops, executed = flops_per_element * elements, executed_per_element * elements
     return {"target": n, "numel": elements, "shapes": shapes, "step_s": statistics.median(clean),
             "all_step_s": clean, "instrumented_step_s": statistics.median(step_s), "mlp_in_step_s": mlp_med,
@@ -260,6 +279,8 @@ def step_in_place(n: int, warmup: int, repeats: int, peak_gflops: float, chain_g
             "frac_of_peak_square": _gflops(flops, mlp_med) / peak_gflops,
             "executed_frac_of_peak_square": _gflops(executed, mlp_med) / peak_gflops,
             "frac_of_same_shape_addmm": _gflops(executed, mlp_med) / chain_gflops,
+            "addmm_same_rows": same_rows,
+            "frac_of_same_rows_addmm": _gflops(executed, mlp_med) / same_rows["gflops"],
             "mlp_share_of_step": statistics.median(m / s for m, s in zip(mlp_s, step_s))}
 
 
@@ -293,22 +314,24 @@ def markdown(r: dict) -> str:
     lines += ["", f"Peak square-matmul throughput: **{r['peak']['gflops']:.1f} GFLOP/s**.", "",
               "## The MLP alone and inside the step", "",
               "| measurement | elements | MLP ms | GFLOP/s (stated FLOPs) | of peak square | executed GFLOP/s "
-              "| of same-shape addmm | step ms | MLP share of step |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| of same-shape addmm | of same-rows addmm | step ms | MLP share of step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ml = r["mlp"]
     lines.append(f"| `_mlp` alone, {ml['rows']} x {ml['features']} | {ml['elements']:,} | {ml['median_s'] * 1e3:.3f} | "
                  f"{ml['gflops']:.1f} | {ml['frac_of_peak_square']:.1%} | {ml['executed_gflops']:.1f} | "
-                 f"{ml['frac_of_same_shape_addmm']:.1%} | - | - |")
+                 f"{ml['frac_of_same_shape_addmm']:.1%} | {ml['frac_of_same_shape_addmm']:.1%} | - | - |")
     for s in r["steps"]:
         lines.append(f"| `update`, {s['numel']:,} params ({s['mlp_calls']} MLP calls) | {s['numel']:,} | "
                      f"{s['mlp_in_step_s'] * 1e3:.2f} | {s['mlp_gflops']:.1f} | {s['frac_of_peak_square']:.1%} | "
                      f"{s['mlp_executed_gflops']:.1f} | {s['frac_of_same_shape_addmm']:.1%} | "
+                     f"{s['frac_of_same_rows_addmm']:.1%} | "
                      f"{s['step_s'] * 1e3:.1f} | {s['mlp_share_of_step']:.1%} |")
     lines += ["", "Times are medians (peak and addmm: best of repeats, a ceiling). \"of peak square\": "
               "GFLOP/s on `flops_per_element()` over the best square mm; \"of same-shape addmm\": the MLP's "
               "executed matmul FLOPs per second over the same layers' addmm run back to back at "
-              f"{a['rows']} rows. Step ms: uninstrumented `update`; the MLP share comes from a second, "
-              "instrumented series.", ""]
+              f"{a['rows']} rows; \"of same-rows addmm\": the same, with the chain run at the row counts of "
+              "the step's MLP calls (one per group of tensors). Step ms: uninstrumented `update`; the MLP "
+              "share comes from a second, instrumented series.", ""]
     return "\n".join(lines)
 
 
@@ -361,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"_mlp alone: {mlp['gflops']:.1f} GFLOP/s ({mlp['frac_of_peak_square']:.1%} of peak)", flush=True)
     steps = []
     for n in sizes:
-        s = step_in_place(n, args.step_warmup, args.step_repeats, peak["gflops"], chain, fpe, executed_per_element)
+        s = step_in_place(n, args.step_warmup, args.step_repeats, peak["gflops"], chain, fpe, executed_per_element,
+                          sizes_executed, args.addmm_repeats)
         steps.append(s)
         print(f"update {s['numel']:,} params: {s['step_s'] * 1e3:.1f} ms, MLP {s['mlp_in_step_s'] * 1e3:.1f} ms "
               f"({s['mlp_share_of_step']:.1%}), {s['mlp_gflops']:.1f} GFLOP/s", flush=True)

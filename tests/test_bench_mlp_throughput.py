@@ -47,9 +47,10 @@ def test_smoke_report_fields_fractions_and_flops(tmp_path):
         assert s["flops"] == fpe * s["numel"]
         assert s["mlp_rows"] == s["numel"]  # every element through the MLP exactly once per step
         assert 0 < s["mlp_in_step_s"] < s["instrumented_step_s"]
+        assert s["addmm_same_rows"]["flops"] == s["executed_flops"]  # the reference does the MLP's matmuls
     values = [mlp["frac_of_peak_square"], mlp["frac_of_same_shape_addmm"]]
     values += [s[k] for s in report["steps"] for k in ("frac_of_peak_square", "frac_of_same_shape_addmm",
-                                                        "mlp_share_of_step")]
+                                                        "frac_of_same_rows_addmm", "mlp_share_of_step")]
     for v in values:
         assert 0 < v < math.inf
     for s in report["steps"]:

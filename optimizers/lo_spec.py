@@ -19,7 +19,6 @@ LOConfig`` and saved checkpoints keep working.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 import typing
@@ -454,7 +453,9 @@ class UnavailableBackend:
 
 
 
-@functools.lru_cache(maxsize=1)
+_step_backend: StepBackend | None = None  # loaded by step_backend() on first use
+
+
 def step_backend() -> StepBackend:
     """The fused step's backend: ``kernels.STEP_BACKEND``, or an :class:`UnavailableBackend` saying why
     the ``kernels`` package could not be imported.
@@ -462,12 +463,16 @@ def step_backend() -> StepBackend:
     The one seam between the two packages: this is the only place in ``optimizers`` that names
     ``kernels`` (by string, through :func:`importlib.import_module`, so the specification stays a leaf
     at import time and ``tests/test_imports.py`` can check there is no other edge). Loaded on first use
-    (importing ``kernels`` does not import triton; its step functions import it when called) and cached,
-    since the dispatch asks every step. Any exception while importing counts as absent: a kernel
-    package that cannot load must never stop the PyTorch step.
+    (importing ``kernels`` does not import triton; its step functions import it when called) and cached
+    in a module global, since the dispatch asks every step (a global rather than ``functools.lru_cache``:
+    ``torch.compile`` reads a global, where it would trace through a cache wrapper and warn). Any
+    exception while importing counts as absent: a kernel package that cannot load must never stop the
+    PyTorch step.
     """
-    try:
-        module = importlib.import_module("kernels")
-        return module.STEP_BACKEND
-    except Exception as e:  # ImportError, or the package itself failing to import
-        return UnavailableBackend(f"the kernels package cannot be imported ({type(e).__name__}: {e})")
+    global _step_backend
+    if _step_backend is None:
+        try:
+            _step_backend = importlib.import_module("kernels").STEP_BACKEND
+        except Exception as e:  # ImportError, or the package itself failing to import
+            _step_backend = UnavailableBackend(f"the kernels package cannot be imported ({type(e).__name__}: {e})")
+    return _step_backend

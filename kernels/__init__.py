@@ -12,13 +12,17 @@
   host tables).
 
 The specification they implement (config, feature table, accumulator rules) is
-:mod:`optimizers.lo_spec`, the one module of ``optimizers`` that ``kernels`` imports. The tools around
+:mod:`optimizers.lo_spec`, the one module of ``optimizers`` that ``kernels`` imports. The optimizers do
+not import this package: they reach the fused step through :data:`STEP_BACKEND`, which provides the
+specification's ``StepBackend`` interface and which ``optimizers.lo_spec.step_backend`` loads by name
+(the one seam between the two packages). The tools around
 the kernels live beside the other benchmarks: ``bench/bench_lo_step.py`` (CUDA benchmark, also
 ``python train.py bench-kernels``), ``bench/check_lo_step.py`` (compiled kernels against the reference on
 a GPU; ``--record`` writes :data:`GPU_CHECKS`) and ``bench/compile_check.py`` (compile every variant
 without a GPU).
 
-Importing this package does not import triton; :func:`use_kernels` does, once, when asked.
+Importing this package does not import triton; :func:`use_kernels` does, once, when asked, and the
+step functions of :data:`STEP_BACKEND` import the Triton modules when they are called.
 Dispatch: ``LearnedOptimizer.bind(theta, kernels=None|True|False, precision=...)`` and
 ``LearnedOptimizerTorch(..., kernels=..., kernel_precision=...)`` use the fused step where
 :func:`use_kernels` (or the explicit flag) allows it and the step runs under no torch.func transform or
@@ -32,8 +36,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # annotations only: importing this package loads nothing of optimizers
+    from optimizers.lo_spec import LOConfig
+
+Tensors = dict[str, Tensor]
 
 ENV = "OUROBOROS_KERNELS"
 
@@ -148,6 +159,40 @@ def describe_step_path(device: torch.device | str) -> str:
     return f"learned-optimizer step: {'fused Triton kernels' if use else 'PyTorch'} ({why})"
 
 
+class KernelStepBackend:
+    """The fused step as the optimizers see it (``optimizers.lo_spec.StepBackend``): the dispatch policy
+    (:func:`kernel_refusal`), the kernels' support check and the two steps. Each function imports its
+    Triton module when called and looks the function up there, so importing this package stays free of
+    triton, and a step patched on its module (as the tests' spies do) is the one that runs."""
+
+    def refusal(self, requested: bool | None, device: torch.device) -> str | None:
+        return kernel_refusal(requested, device)
+
+    def unsupported(self, cfg: LOConfig, params: Tensors, grads: Tensors | None = None,
+                    state: dict | None = None) -> str | None:
+        from kernels import lo_step_common
+
+        return lo_step_common.unsupported(cfg, params, grads, state)
+
+    def step(self, params: Tensors, grads: Tensors, state: dict, theta: Tensors, cfg: LOConfig, *,
+             precision: str = "ieee", inplace: bool = False) -> tuple[Tensors, dict]:
+        from kernels import lo_step_triton
+
+        return lo_step_triton.lo_step(params, grads, state, theta, cfg, precision=precision, inplace=inplace)
+
+    def step_autograd(self, params: Tensors, grads: Tensors, state: dict, theta: Tensors, cfg: LOConfig, *,
+                      forward: str = "reference", backward: str = "auto",
+                      precision: str = "ieee") -> tuple[Tensors, dict]:
+        from kernels import lo_step_autograd
+
+        return lo_step_autograd.lo_step_autograd(params, grads, state, theta, cfg, forward=forward,
+                                                 backward=backward, precision=precision)
+
+
+# what optimizers.lo_spec.step_backend() returns
+STEP_BACKEND = KernelStepBackend()
+
+
 __all__ = ["use_kernels", "kernel_decision", "kernel_refusal", "describe_step_path", "recorded_checks",
            "triton_available", "triton_interpreted",
-           "ENV", "GPU_CHECKS"]
+           "ENV", "GPU_CHECKS", "KernelStepBackend", "STEP_BACKEND"]

@@ -2,7 +2,9 @@
 
 The names below are loaded on first use (PEP 562 module ``__getattr__``): ``import optimizers.lo_spec``
 (what the kernels import) must not import the learned optimizer and its torch.optim drop-in, or the
-specification would stop being a leaf and ``kernels`` would depend on ``optimizers`` again.
+specification would stop being a leaf and ``kernels`` would depend on ``optimizers`` again. No module
+of this package imports ``kernels``: the fused step is reached through the specification's one seam,
+:func:`optimizers.lo_spec.step_backend`.
 """
 
 from __future__ import annotations

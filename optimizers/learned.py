@@ -30,7 +30,9 @@ clamped to ``max_update``.
 
 The specification (:class:`LOConfig`, the feature table, the per-element features and accumulator
 layout) lives in :mod:`optimizers.lo_spec`, shared with the fused kernels (:mod:`kernels`); this module
-is the PyTorch step and the dispatch to the kernels, and re-exports the specification's names.
+is the PyTorch step and the dispatch to the kernels, and re-exports the specification's names. It does
+not import :mod:`kernels`: it asks the specification's :func:`optimizers.lo_spec.step_backend` for the
+fused step, so ``kernels`` depends on ``optimizers`` (its specification) and not the other way round.
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ from torch import Tensor
 
 # The specification (config, feature table, accumulator rules) lives in a leaf module shared with the
 # kernels; its names are re-exported here, where callers and checkpoints have always found them.
-from kernels import kernel_refusal  # the dispatch policy (a light package: triton only when asked)
 from optimizers.lo_spec import (  # noqa: F401  (re-exports)
     DEFAULT_FRACTIONS, DEFAULT_TAUS, DESIGNS, FEATURE_GROUPS, LEGACY_FIELDS, LOSS_DECAYS, LOSS_FEATURES,
     STEP_SCALES, TIME_FEATURES, ConfigError, LOConfig, _check_keys, check_types, element_features,
     factored_dims, group_channels, loss_features, safe_sqrt, tensor_step_scale, time_features,
     update_loss_stats,
 )
+from optimizers.lo_spec import step_backend  # the fused step (the kernels), reached only through the spec
 from optimizers.tree import Params
 
 
@@ -240,7 +242,8 @@ class BoundLearnedOptimizer:
         if not params:
             return "no parameters"
         device = next(iter(params.values())).device
-        reason = kernel_refusal(self.kernels, device)
+        backend = step_backend()
+        reason = backend.refusal(self.kernels, device)
         if reason:
             return reason
         tensors = [*params.values(), *grads.values(), *self.theta.values(), state["step"],
@@ -250,9 +253,7 @@ class BoundLearnedOptimizer:
             return reason
         if set(grads) != set(params):
             return "gradients and parameters have different names"
-        from kernels.lo_step_common import unsupported
-
-        return unsupported(self.config, params, grads, state)
+        return backend.unsupported(self.config, params, grads, state)
 
     def fingerprint(self) -> str:
         """A hash of everything that determines this optimizer's updates (config, weights, run length,
@@ -385,13 +386,10 @@ class BoundLearnedOptimizer:
             tensors = [*params.values(), *grads.values(), *self.theta.values(),
                        *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
             if _needs_autograd(tensors):  # truncated backprop: kernel forward + kernel backward
-                from kernels.lo_step_autograd import lo_step_autograd
-
-                return lo_step_autograd(params, grads, state, self.theta, c, forward="triton",
-                                        backward="auto", precision=self.precision)
-            from kernels.lo_step_triton import lo_step
-
-            return lo_step(params, grads, state, self.theta, c, precision=self.precision, inplace=False)
+                return step_backend().step_autograd(params, grads, state, self.theta, c, forward="triton",
+                                                    backward="auto", precision=self.precision)
+            return step_backend().step(params, grads, state, self.theta, c, precision=self.precision,
+                                       inplace=False)
         step = state["step"] + 1
         new_state: dict = {"step": step, "m": {}, "v": {}, "row": {}, "col": {}}
         for key in ("horizon", "loss_stats"):  # per run, not per tensor: carried as they are

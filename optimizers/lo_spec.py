@@ -8,18 +8,22 @@ step design, time / loss inputs), the table of feature groups and their channel 
 Why a module of its own: two implementations compute the step, the PyTorch one in
 :mod:`optimizers.learned` and the fused Triton kernels in :mod:`kernels` (with their PyTorch reference),
 and both must agree on this. Keeping it a leaf (it imports torch and the standard library only) makes
-the dependencies one way: ``kernels`` imports this module and nothing else of ``optimizers``, and
-``optimizers.learned`` imports ``kernels`` where it dispatches a step to them, so neither side holds the
-other together through function-local imports. ``optimizers.learned`` re-exports every name, so
-``from optimizers.learned import LOConfig`` and saved checkpoints keep working.
+the dependencies one way: ``kernels`` imports this module and nothing else of ``optimizers``, and no
+module of ``optimizers`` imports ``kernels``. The optimizers reach the fused step only through the
+interface defined here, :class:`StepBackend`, and its one accessor :func:`step_backend`, which loads the
+``kernels`` package lazily by name (dependency inversion: the specification owns the interface, the
+kernels provide it), so neither side holds the other together through function-local imports.
+``optimizers.learned`` re-exports the specification's names, so ``from optimizers.learned import
+LOConfig`` and saved checkpoints keep working.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import typing
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -390,3 +394,85 @@ def element_features(g: Tensor, p: Tensor, m: Tensor, v: Tensor, row_b: Tensor, 
     # A plain reshape, not einops.rearrange: this runs every step, where rearrange's parsing measured
     # ~10 us more per call (1.7x) for the same view.
     return torch.cat(feats, dim=0).reshape(cfg.num_element_features, g.numel()).transpose(0, 1)
+
+
+# ---- the fused step's interface ---------------------------------------------------------------------
+class StepBackend(Protocol):
+    """What the optimizers need of a fused implementation of the step (the Triton kernels).
+
+    Why an interface here: the PyTorch step (:mod:`optimizers.learned`) and its ``torch.optim`` drop-in
+    hand a step to the kernels where they can run it, but must not import ``kernels`` (which imports
+    this specification): they call these four functions on the object :func:`step_backend` returns.
+    Structural (a ``Protocol``), so the provider need not import anything to conform.
+    """
+
+    def refusal(self, requested: bool | None, device: torch.device) -> str | None:
+        """None when the fused step may run on ``device`` given the caller's ``kernels`` setting
+        (None = automatic, True = wherever it can, False = never), else why not."""
+        ...
+
+    def unsupported(self, cfg: LOConfig, params: dict[str, Tensor], grads: dict[str, Tensor] | None = None,
+                    state: dict | None = None) -> str | None:
+        """Why the fused step cannot run this configuration and these tensors (None when it can)."""
+        ...
+
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
+             theta: dict[str, Tensor], cfg: LOConfig, *, precision: str = "ieee",
+             inplace: bool = False) -> tuple[dict[str, Tensor], dict]:
+        """One fused step, ``(new_params, new_state)``; not differentiable."""
+        ...
+
+    def step_autograd(self, params: dict[str, Tensor], grads: dict[str, Tensor], state: dict,
+                      theta: dict[str, Tensor], cfg: LOConfig, *, forward: str = "reference",
+                      backward: str = "auto", precision: str = "ieee") -> tuple[dict[str, Tensor], dict]:
+        """One differentiable fused step (gradients flow to params, grads, state and theta)."""
+        ...
+
+
+class UnavailableBackend:
+    """The backend when the ``kernels`` package cannot be imported: it refuses every step, with the
+    reason, so the optimizers take the PyTorch step instead of failing (a CPU install without the
+    kernels, or a broken one, still trains). Its step functions are never reached through a refusal;
+    called directly they raise with the same reason."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def refusal(self, requested: bool | None, device: torch.device) -> str | None:
+        return "kernels=False" if requested is False else self.reason
+
+    def unsupported(self, cfg: LOConfig, params: dict[str, Tensor], grads: dict[str, Tensor] | None = None,
+                    state: dict | None = None) -> str | None:
+        return self.reason
+
+    def step(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Tensor], dict]:
+        raise RuntimeError(self.reason)
+
+    def step_autograd(self, *args: Any, **kwargs: Any) -> tuple[dict[str, Tensor], dict]:
+        raise RuntimeError(self.reason)
+
+
+
+_step_backend: StepBackend | None = None  # loaded by step_backend() on first use
+
+
+def step_backend() -> StepBackend:
+    """The fused step's backend: ``kernels.STEP_BACKEND``, or an :class:`UnavailableBackend` saying why
+    the ``kernels`` package could not be imported.
+
+    The one seam between the two packages: this is the only place in ``optimizers`` that names
+    ``kernels`` (by string, through :func:`importlib.import_module`, so the specification stays a leaf
+    at import time and ``tests/test_imports.py`` can check there is no other edge). Loaded on first use
+    (importing ``kernels`` does not import triton; its step functions import it when called) and cached
+    in a module global, since the dispatch asks every step (a global rather than ``functools.lru_cache``:
+    ``torch.compile`` reads a global, where it would trace through a cache wrapper and warn). Any
+    exception while importing counts as absent: a kernel package that cannot load must never stop the
+    PyTorch step.
+    """
+    global _step_backend
+    if _step_backend is None:
+        try:
+            _step_backend = importlib.import_module("kernels").STEP_BACKEND
+        except Exception as e:  # ImportError, or the package itself failing to import
+            _step_backend = UnavailableBackend(f"the kernels package cannot be imported ({type(e).__name__}: {e})")
+    return _step_backend

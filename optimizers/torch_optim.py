@@ -92,6 +92,7 @@ import torch
 from torch import Tensor
 
 from optimizers.learned import BoundLearnedOptimizer, LearnedOptimizer, LOConfig
+from optimizers.lo_spec import step_backend  # the fused step (the kernels), reached only through the spec
 from optimizers.tree import Params
 
 STATE_KEYS = ("m", "v", "row", "col")
@@ -457,11 +458,9 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
             bound = self.bound(device)
             if _plain_groups(items, unit) and bound.kernel_reason(grads, state, params) is None:
                 # fused step in place: the parameters and the per-parameter state tensors themselves
-                from kernels.lo_step_triton import lo_step
-
                 state = bound.observe_loss(state, loss_arg)  # as BoundLearnedOptimizer.update does
-                _, new_state = lo_step(params, grads, state, bound.theta, self.lopt.config,
-                                       precision=self.kernel_precision, inplace=True)
+                _, new_state = step_backend().step(params, grads, state, bound.theta, self.lopt.config,
+                                                   precision=self.kernel_precision, inplace=True)
                 for p, _ in items:
                     self.state[p]["step"] = new_state["step"]
                     for key in RUN_KEYS:

@@ -490,14 +490,13 @@ def worker_main(spec: dict) -> None:
 # system time 0.76 s -> 0 over 5 steps). Same effect as running under jemalloc / tcmalloc.
 HEAP_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
                "MALLOC_TOP_PAD_": "268435456"}
-MALLOC_ENV: dict[str, str] = {}  # set by --malloc for the timed workers
 
 
 def run_worker(python: str, spec: dict, timeout: float, extra_env: dict | None = None) -> dict:
     # the mmap threshold only where peak memory is measured: on timed runs it turns every large
     # temporary into fresh pages (an mmap, page faults, an munmap per buffer and step), a cost a user's
     # process does not pay (measured: the 1M-parameter learned step 682 ms with it, see the README)
-    mem_env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if spec.get("mode") == "memory" else dict(MALLOC_ENV)
+    mem_env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if spec.get("mode") == "memory" else {}
     env = {**os.environ, **mem_env, "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": str(spec.get("threads", 1)), **(extra_env or {})}
     t0 = time.perf_counter()
@@ -685,8 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workloads = "same32"
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    if args.malloc == "heap":
-        MALLOC_ENV.update(HEAP_MALLOC)
+    timed_env = dict(HEAP_MALLOC) if args.malloc == "heap" else {}  # --malloc: the timed workers only
     sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
     workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]
@@ -731,13 +729,14 @@ def main(argv: list[str] | None = None) -> int:
         for wl in workloads:
             for t in threads:
                 spec = {"kind": "torch_meta", "workload": wl, "threads": t, **common}
-                row = {"workload": wl, "threads": t, "ouroboros": run_worker(sys.executable, spec, args.timeout)}
+                ours = run_worker(sys.executable, spec, args.timeout, timed_env)
+                row = {"workload": wl, "threads": t, "ouroboros": ours}
                 if use_jax:
                     jspec = {"kind": "jax_meta", "workload": wl, "threads": t, "lo_path": args.lo_path,
                              "data": str(data_path), "task_configs": task_configs, **common,
                              "meta": {"population": 8, "truncation": 20, "horizon": 200, "outer_lr": 3e-3,
                                       "grad_clip": 3.0}}
-                    row["jax"] = run_worker(jax_python, jspec, args.timeout)
+                    row["jax"] = run_worker(jax_python, jspec, args.timeout, timed_env)
                 meta_rows.append(row)
                 o, j = row["ouroboros"], row.get("jax", {})
                 print(f"meta-training {wl} threads={t}: Ouroboros {o.get('s_per_step', o.get('error'))} s/step"
@@ -753,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, py, kind in todo:
                 spec = {"kind": kind, "method": name, "shapes": shapes, "threads": args.step_threads,
                         "warmup": args.step_warmup, "repeats": args.step_repeats, "lo_path": args.lo_path}
-                r = run_worker(py, {**spec, "mode": "time"}, args.timeout)
+                r = run_worker(py, {**spec, "mode": "time"}, args.timeout, timed_env)
                 if not args.no_memory:
                     mem = run_worker(py, {**spec, "mode": "memory"}, args.timeout)
                     if "error" in mem:

@@ -54,7 +54,7 @@ from optimizers.lo_spec import (  # noqa: F401  (re-exports)
     update_loss_stats,
 )
 from optimizers.lo_spec import step_backend  # the fused step (the kernels), reached only through the spec
-from optimizers.tree import Params
+from optimizers.tree import Params, under_func_transform
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -107,14 +107,11 @@ def _traced_reason(tensors: list, allow_autograd: bool = False) -> str | None:
     is_compiling = getattr(compiler, "is_compiling", None)
     if is_compiling is not None and is_compiling():
         return "torch.compile tracing"
-    functorch = getattr(torch._C, "_functorch", None)
-    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    batched = getattr(functorch, "is_batchedtensor", None)
     grad_enabled = torch.is_grad_enabled()
     for t in tensors:
         if not isinstance(t, Tensor):
             return f"non-tensor {type(t).__name__}"
-        if (wrapped is not None and wrapped(t)) or (batched is not None and batched(t)):
+        if under_func_transform(t):
             return "torch.func transform (vmap / grad)"
         if type(t) not in (Tensor, torch.nn.Parameter):
             return f"tensor subclass {type(t).__name__}"

@@ -72,3 +72,12 @@ def unstack(tree: Tree, n: int) -> list[Tree]:
 
 def all_finite(tree: Tree) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tree_leaves(tree))
+
+
+def under_func_transform(t: Tensor) -> bool:
+    """True for a tensor wrapped by a ``torch.func`` transform (``vmap``'s batched tensors, ``grad``'s
+    tracked ones): code with a plain-autograd or fused fast path must take its pure path for them."""
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    batched = getattr(functorch, "is_batchedtensor", None)
+    return bool((wrapped is not None and wrapped(t)) or (batched is not None and batched(t)))

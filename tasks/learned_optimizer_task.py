@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value
 
-from optimizers.tree import Params
+from optimizers.tree import Params, under_func_transform
 from tasks.base import Batch, Task, TaskConfig, TaskConfigError, TaskFamily, choice, log_int, register_family, seeded
 from tasks.image_mlp import ImageMLPTask
 from tasks.validation import cfg_int
@@ -115,9 +115,7 @@ class LearnedOptimizerTask(Task):
 def _plain_autograd(params: Params) -> bool:
     """True when the loss is taken under plain autograd (truncated backprop's ``create_graph`` inner
     gradients), not under ``torch.func`` transforms (which need the pure function)."""
-    functorch = getattr(torch._C, "_functorch", None)
-    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
-    if wrapped is not None and any(wrapped(p) for p in params.values()):
+    if any(under_func_transform(p) for p in params.values()):
         return False
     return torch.is_grad_enabled() and any(p.requires_grad for p in params.values())
 

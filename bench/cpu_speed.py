@@ -12,7 +12,11 @@ Ouroboros side (always runs; one fresh subprocess per measurement):
   and ``same32`` (8 identical-shape tasks: MLP 64-32-32-10, ReLU, batch ``--same-batch``, on the same
   embedded 8x8 digits; registered at run time as distribution ``bench_digits_mlp_32x32``).
   ``--warmup`` outer steps untimed, then ``--repeats`` blocks of ``--outer-steps`` steps; the median
-  block is reported.
+  block is reported. ``--procs 1,2`` adds, for every ``--threads`` T of at least 2, the same
+  workload on T one-thread processes (``torch.distributed.run``, gloo; the members are sharded over
+  the processes and the meta-gradient all-reduced, as ``python train.py`` runs it by default), against
+  the same T-thread JAX run: how this project uses T cores, where a second intra-op thread slows its
+  small-tensor ops down.
 * **optimizer step**: one step, no autograd, on ``--sizes`` parameters (square matrices plus a bias
   vector each, the same shapes on both sides; see :func:`shapes_for`): the Ouroboros learned optimizer
   (``BoundLearnedOptimizer.update``, functional, PyTorch path), the functional ``optimizers.hand.Adam``,
@@ -192,8 +196,13 @@ def default_run_config(workload: str, total_steps: int, same_batch: int, threads
 
 
 def worker_torch_meta(spec: dict) -> dict:
-    torch = _torch_setup(spec["threads"])
+    procs = int(spec.get("procs", 1))
+    torch = _torch_setup(spec["threads"] // procs)
+    from meta import distributed as D
     from meta.trainer import MetaTrainer
+
+    if procs > 1:  # launched by torch.distributed.run: shard the members, all-reduce the meta-gradient
+        D.init()
 
     warm, n, reps = spec["warmup"], spec["outer_steps"], spec["repeats"]
     cfg = default_run_config(spec["workload"], warm + n * reps, spec["same_batch"], spec["threads"])
@@ -206,7 +215,13 @@ def worker_torch_meta(spec: dict) -> dict:
         metrics = trainer.train_step()
         step_times.append(time.perf_counter() - t)
     blocks = [sum(step_times[warm + r * n: warm + (r + 1) * n]) / n for r in range(reps)]
-    return {"side": "ouroboros", "workload": spec["workload"], "threads": spec["threads"],
+    if procs > 1:
+        D.barrier()
+        if not D.is_main():
+            D.shutdown()
+            return {}
+        D.shutdown()
+    return {"side": "ouroboros", "workload": spec["workload"], "threads": spec["threads"], "procs": procs,
             "torch_threads": torch.get_num_threads(), "init_s": init_s,
             "warmup_step_s": step_times[:warm], "block_s_per_step": blocks,
             "s_per_step": statistics.median(blocks), "steps_per_s": 1.0 / statistics.median(blocks),
@@ -478,7 +493,9 @@ WORKERS = {"torch_meta": worker_torch_meta, "torch_step": worker_torch_step, "ja
 
 def worker_main(spec: dict) -> None:
     pin_threads(spec.get("threads", 1))
-    emit(WORKERS[spec["kind"]](spec))
+    result = WORKERS[spec["kind"]](spec)
+    if result:  # ranks other than 0 of a multi-process worker report nothing
+        emit(result)
 
 
 # ================================================================================================
@@ -497,11 +514,13 @@ def run_worker(python: str, spec: dict, timeout: float, extra_env: dict | None =
     # temporary into fresh pages (an mmap, page faults, an munmap per buffer and step), a cost a user's
     # process does not pay (measured: the 1M-parameter learned step 682 ms with it, see the README)
     mem_env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if spec.get("mode") == "memory" else {}
+    procs = int(spec.get("procs", 1))
     env = {**os.environ, **mem_env, "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": str(spec.get("threads", 1)), **(extra_env or {})}
+           "OMP_NUM_THREADS": str(spec.get("threads", 1) // procs), **(extra_env or {})}
+    launcher = [] if procs == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT, env=env,
+        r = subprocess.run([python, *launcher, str(Path(__file__).resolve()), "--worker", json.dumps(spec)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
@@ -607,7 +626,7 @@ def markdown(report: dict) -> str:
         lines += [f"JAX side not run: {report['jax'].get('reason')}", ""]
     a = report["args"]
     lines += ["## Meta-training (seconds per outer step)", "",
-              f"Truncated backprop, 8 tasks, truncation 20, horizon 200, one process; {a['warmup']} warm-up "
+              f"Truncated backprop, 8 tasks, truncation 20, horizon 200, one process unless the row says otherwise; {a['warmup']} warm-up "
               f"step(s), then the median of {a['repeats']} block(s) of {a['outer_steps']} steps. "
               "Ratio = JAX time / Ouroboros time (> 1: Ouroboros is faster). learned_optimization compiles its "
               "unroll on each of its first two steps: those are untimed and reported apart.", "",
@@ -615,12 +634,17 @@ def markdown(report: dict) -> str:
               "JAX / Ouroboros time | JAX first 2 steps (compile) s |",
               "|---|---|---|---|---|---|---|---|"]
     for row in report["meta"]:
-        o, j = row["ouroboros"], row.get("jax") or {}
-        os_, js = o.get("s_per_step"), j.get("s_per_step")
-        lines.append(f"| {row['workload']} | {row['threads']} | {os_ and f'{os_:.3f}' or o.get('error', '-')} | "
-                     f"{os_ and f'{1 / os_:.2f}' or '-'} | {js and f'{js:.3f}' or j.get('error', '-')} | "
-                     f"{js and f'{1 / js:.2f}' or '-'} | {_ratio(js, os_)} | "
-                     f"{j.get('compile_steps_s') and '%.1f' % j['compile_steps_s'] or '-'} |")
+        j = row.get("jax") or {}
+        js = j.get("s_per_step")
+        layouts = [(str(row["threads"]), row["ouroboros"])]
+        layouts += [(f"{row['threads']} (Ouroboros: {p} processes x {row['threads'] // int(p)} thread)", o)
+                    for p, o in (row.get("ouroboros_procs") or {}).items()]
+        for label, o in layouts:
+            os_ = o.get("s_per_step")
+            lines.append(f"| {row['workload']} | {label} | {os_ and f'{os_:.3f}' or o.get('error', '-')} | "
+                         f"{os_ and f'{1 / os_:.2f}' or '-'} | {js and f'{js:.3f}' or j.get('error', '-')} | "
+                         f"{js and f'{1 / js:.2f}' or '-'} | {_ratio(js, os_)} | "
+                         f"{j.get('compile_steps_s') and '%.1f' % j['compile_steps_s'] or '-'} |")
     lines += ["", "Workloads: `default` = the default preset's `digits_mlp` tasks (varying width, depth, "
               "activation, batch size; the JAX side runs the same 8 first-episode tasks as 8 one-task "
               f"estimators); `same32` = 8 identical MLPs 64-32-32-10, ReLU, batch {a['same_batch']} (JAX: one "
@@ -654,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lo-path", default=os.environ.get("LEARNED_OPTIMIZATION_PATH", DEFAULT_LO_PATH),
                     help="learned_optimization checkout (TensorFlow-optional)")
     ap.add_argument("--threads", default="1,2", help="meta-training thread counts")
+    ap.add_argument("--procs", default="1",
+                    help="Ouroboros meta-training layouts: for each P > 1 here and each --threads T >= P "
+                         "divisible by P, also P processes of T/P threads (against the same T-thread JAX run)")
     ap.add_argument("--workloads", default="default,same32", help="meta-training workloads")
     ap.add_argument("--outer-steps", type=int, default=20, help="timed outer steps per block")
     ap.add_argument("--warmup", type=int, default=3, help="untimed outer steps first")
@@ -687,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     timed_env = dict(HEAP_MALLOC) if args.malloc == "heap" else {}  # --malloc: the timed workers only
     sizes = [int(float(x)) for x in args.sizes.split(",") if x.strip()]
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
+    procs = sorted({int(x) for x in args.procs.split(",") if x.strip()} | {1})
     workloads = [x.strip() for x in args.workloads.split(",") if x.strip()]
     for w in workloads:
         if w not in ("default", "same32"):
@@ -731,6 +759,12 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {"kind": "torch_meta", "workload": wl, "threads": t, **common}
                 ours = run_worker(sys.executable, spec, args.timeout, timed_env)
                 row = {"workload": wl, "threads": t, "ouroboros": ours}
+                for p in procs[1:]:
+                    if t >= p and t % p == 0:
+                        r = run_worker(sys.executable, {**spec, "procs": p}, args.timeout, timed_env)
+                        row.setdefault("ouroboros_procs", {})[str(p)] = r
+                        print(f"meta-training {wl} {p} processes x {t // p} thread(s): Ouroboros "
+                              f"{r.get('s_per_step', r.get('error'))} s/step", flush=True)
                 if use_jax:
                     jspec = {"kind": "jax_meta", "workload": wl, "threads": t, "lo_path": args.lo_path,
                              "data": str(data_path), "task_configs": task_configs, **common,
@@ -775,7 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(str(out) + ".md").write_text(markdown(report))
     print(markdown(report))
     print(f"wrote {out}.json and {out}.md ({report['wall_s']:.0f} s)")
-    errors = [r for row in meta_rows for r in (row["ouroboros"], row.get("jax") or {}) if "error" in r]
+    errors = [r for row in meta_rows for r in (row["ouroboros"], row.get("jax") or {},
+                                               *(row.get("ouroboros_procs") or {}).values()) if "error" in r]
     errors += [r for s in step_rows for r in s["methods"].values() if "error" in r or "memory_error" in r]
     return 1 if errors else 0
 

@@ -45,11 +45,20 @@ def presets() -> dict[str, Any]:
     # learning rate decays to 0 over the last 25% of the steps (the final iterate is otherwise noisy).
     # Loss features (lo.loss_features ema) measured better on held-out validation loss but far worse as
     # the outer optimizer of the governor's loop check (docs/ablation.md), so they stay an option.
+    # Session 6 (README "Recursive generations"; docs/ablation.md rows default / logu20 /
+    # controller_bound_1 / default_s6): the controller's per-element factor bounded to exp(+-1) (LOConfig's
+    # own default, exp(+-2), stays for the checkpoints that rely on it): at bound 2 the factor it learned on
+    # 8x8-digit MLPs made it no better an outer optimizer than Adam (the governor's loop check), at bound 1
+    # it is better on each of four loop seeds but weaker on the inner tasks; and episodes of log-uniform
+    # length 20..2000 (Celo's long-horizon recipe; each episode's length is the T of the fraction-of-
+    # training features), which made it stronger on them (training loss at H and 10H). Together: adopted
+    # by the governor as generation 0.
     from optimizers.learned import LOConfig
 
     default = RunConfig(
-        meta=MetaConfig(meta_loss="train", outer_steps=400, outer_decay=0.25),
-        lo=LOConfig(),
+        meta=MetaConfig(meta_loss="train", outer_steps=400, outer_decay=0.25, schedule="log_uniform",
+                        min_horizon=20, max_horizon=2000),
+        lo=LOConfig(controller_bound=1.0),
         eval=EvalConfig(),
         out_dir="runs/default",
         threads=1,
@@ -403,7 +412,10 @@ def meta_train(cfg, *, resume: bool = False, overwrite: bool = False, progress: 
               f"{trainer.member_ids}", flush=True)
     print(f"[ouroboros] meta-training a learned optimizer ({trainer.lopt.num_theta()} weights) on "
           f"'{cfg.meta.distribution}' with {cfg.meta.estimator}, population {cfg.meta.population}, "
-          f"horizon {cfg.meta.horizon}, truncation {cfg.meta.truncation}; outer optimizer "
+          + (f"horizon {cfg.meta.horizon}" if cfg.meta.schedule == "constant" else
+             f"episodes of {cfg.meta.min_horizon}..{cfg.meta.max_horizon} steps (log-uniform), evaluation "
+             f"horizon {cfg.meta.horizon}")
+          + f", truncation {cfg.meta.truncation}; outer optimizer "
           f"{trainer.outer_label}", flush=True)
     from kernels import describe_step_path
 

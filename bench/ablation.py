@@ -39,34 +39,46 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LEGACY = {"lo.design": "additive", "lo.time_features": "absolute", "lo.step_scale": "none"}
+# the preset before session 6 (controller bound 2, episodes of constant length; the preset has bound 1
+# and log-uniform episodes since): rows measured then pin it, so that regenerating them reproduces what
+# they measured
+BOUND2 = {"lo.controller_bound": "2.0", "meta.schedule": "constant"}
 VARIANTS: dict[str, dict[str, str]] = {
     # the original design (additive MLP term of fixed size, absolute time features), NaN fix included
     "legacy": dict(LEGACY),
     # nominal controller, fraction-of-training time, width-aware steps (the default; the step scale's
     # power only acts on layers wider than 64, so the default-split rows of powers 1 and 0.5 are one run)
     "controller": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width",
-                   "lo.scale_power": "1.0"},
-    "controller_rms": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "rms"},
-    "controller_nowidth": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "none"},
+                   "lo.scale_power": "1.0", **BOUND2},
+    "controller_rms": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "rms", **BOUND2},
+    "controller_nowidth": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "none",
+                           **BOUND2},
     "normalized": {"lo.design": "normalized", "lo.time_features": "fraction", "lo.step_scale": "width"},
     "controller_logu": {"lo.design": "controller", "lo.time_features": "fraction", "lo.step_scale": "width",
-                        "meta.schedule": "log_uniform", "meta.min_horizon": "100", "meta.max_horizon": "2000"},
+                        "meta.schedule": "log_uniform", "meta.min_horizon": "100", "meta.max_horizon": "2000",
+                        **BOUND2},
     # the preset after it moved to 2 processes (session 2): constant outer lr, the warm-down default,
     # and two meta-objectives that weigh validation loss
-    "constant_outer_lr": {"meta.outer_decay": "0"},
-    "default": {},
-    "objective_valid": {"meta.meta_loss": "valid"},
-    "objective_log_train_valid": {"meta.meta_loss": "log_train_valid"},
+    "constant_outer_lr": {"meta.outer_decay": "0", **BOUND2},
+    "default": dict(BOUND2),
+    "objective_valid": {"meta.meta_loss": "valid", **BOUND2},
+    "objective_log_train_valid": {"meta.meta_loss": "log_train_valid", **BOUND2},
     # session 3: the one-pass step (other float rounding than the rows above), and loss features
-    "default_s3": {},
-    "loss_features": {"lo.loss_features": "ema"},
+    "default_s3": dict(BOUND2),
+    "loss_features": {"lo.loss_features": "ema", **BOUND2},
+    # session 6: episodes of log-uniform length 20..2000 (the fraction-of-training features then see
+    # runs of every length), and the controller's bound halved (the default since)
+    "logu20": {**BOUND2, "meta.schedule": "log_uniform", "meta.min_horizon": "20", "meta.max_horizon": "2000"},
+    "controller_bound_1": {**BOUND2, "lo.controller_bound": "1.0"},
+    # both: the default preset since session 6
+    "default_s6": {},
 }
 # what a reader must know to compare rows measured under different presets / code
 _SESSION1 = "preset of session 1: 1 process, constant outer lr"
 NOTES = {
     **{v: _SESSION1 for v in ("legacy", "controller", "controller_rms", "normalized")},
     "constant_outer_lr": "2 processes; before the cached-decay / addmm step (same maths, other rounding)",
-    "default": "2 processes, outer lr warm-down over the last 25%; the committed default",
+    "default": "2 processes, outer lr warm-down over the last 25%; the default until session 6 (controller bound 2)",
     "objective_valid": "2 processes, warm-down; meta-loss = validation loss",
     "objective_log_train_valid": "2 processes, warm-down; meta-loss = (log train + log valid) / 2",
     "default_s3": "the default preset re-run with session 3's one-pass learned-optimizer step (same maths, other "
@@ -80,6 +92,19 @@ NOTES = {
                      "meta-trained on. The same preset without loss features scored +0.171 in this session's "
                      "generations run (gen 0 rejected) and +0.026 in the previous one, so the default keeps "
                      "them off",
+    "logu20": "session 6 (same step code as session 5's default run): the default preset with episodes of "
+              "log-uniform length 20..2000 instead of 200 (each episode's length is the T of its fraction-of-"
+              "training features). Better training loss at H and 10H, worse validation loss at H (above the "
+              "+0.1 bound), and no better an outer optimizer: `bench/loop_probe.py` over loop seeds 1..4 "
+              "+0.139, -0.053, +0.391, +0.026 (mean +0.126; the session-5 default: +0.173, -0.049, +0.183, "
+              "+0.090, mean +0.099)",
+    "controller_bound_1": "session 6: the default preset with the controller's bound halved (per-element "
+                          "factor exp(tanh(n)) in [0.37, 2.7] instead of exp(2 tanh(n)) in [0.14, 7.4]); the "
+                          "default since. `bench/loop_probe.py` over loop seeds 1..4: +0.005, -0.110, -0.009, "
+                          "-0.037 (mean -0.038), below the bound=2 default on every seed; but weaker on the inner "
+                          "tasks (the governor's generalisation check failed: +0.204 [-0.025, +0.417])",
+    "default_s6": "session 6: `logu20` and `controller_bound_1` together, the default preset since (generation 0 "
+                  "of `docs/generations_session6`, adopted by the governor: loop check -0.163)",
 }
 
 
@@ -199,7 +224,7 @@ def summarise(root: Path, names: list[str]) -> list[dict]:
         out = root / name
         row: dict = {"variant": name, "overrides": VARIANTS.get(name, {})}
         steps = json.loads((out / "ablation_steps.json").read_text()) if (out / "ablation_steps.json").exists() else {}
-        if "meta_train" in steps:
+        if "cpu_s" in steps.get("meta_train", {}):  # runs made outside this script record no CPU time
             row["meta_train_cpu_s"] = steps["meta_train"]["cpu_s"]
             row["meta_train_wall_s"] = steps["meta_train"]["wall_s"]
         res_path = out / "eval" / "results.json"

@@ -68,6 +68,7 @@ def _normalize(x: Tensor) -> Tensor:
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
 
 
+MLP_BLOCK_ROWS = 8192  # elements per block of the buffer-reusing step's MLP (BoundLearnedOptimizer._mlp_into)
 CHUNK_ELEMENTS = 1 << 16  # largest group of tensors stepped as one concatenation (BoundLearnedOptimizer.update)
 
 
@@ -598,22 +599,33 @@ class BoundLearnedOptimizer:
         return row, col
 
     def _mlp_into(self, x: Tensor, tfeat: Tensor | None, take) -> Tensor:
-        """:meth:`_mlp` with each layer's output in a reused buffer (slots ``"a"`` / ``"b"``
-        alternately; ``x`` must be in neither). Same ops: ``addmm`` with ``out=``, in-place ReLU."""
+        """:meth:`_mlp` with its output in the reused slot ``"mlp"``, run over blocks of
+        :data:`MLP_BLOCK_ROWS` elements so the hidden activations (slots ``"h0"`` / ``"h1"``, one block
+        each) stay in cache and the workspace does not hold (elements x hidden width) floats. Same ops
+        per element: ``addmm`` with ``out=`` over a block of rows computes each row as the whole matrix
+        product does (each output element is its own dot product over the inputs; checked bitwise by
+        the tests), in-place ReLU."""
         n_layers = self.config.hidden_layers + 1
-        h = x
+        weights = []
         for i in range(n_layers):
-            w, b = self.theta[f"w{i}"].to(h.dtype), self.theta[f"b{i}"].to(h.dtype)
+            w, b = self.theta[f"w{i}"].to(x.dtype), self.theta[f"b{i}"].to(x.dtype)
             if i == 0 and tfeat is not None and tfeat.numel():
                 n = x.shape[1]
-                w, b = w[:n], b + tfeat.to(h.dtype) @ w[n:]
-            if h.dim() == 2 and b.dim() == 1:
-                h = torch.addmm(b, h, w, out=take("ab"[i % 2], (h.shape[0], w.shape[1])))
-            else:
-                h = h @ w + b
-            if i < n_layers - 1:
-                h.relu_()
-        return h
+                w, b = w[:n], b + tfeat.to(x.dtype) @ w[n:]
+            if b.dim() != 1:  # not the shapes addmm takes: the allocating MLP
+                return self._mlp(x, tfeat)
+            weights.append((w, b))
+        rows = x.shape[0]
+        out = take("mlp", (rows, weights[-1][0].shape[1]))
+        for r0 in range(0, rows, MLP_BLOCK_ROWS):
+            r1 = min(rows, r0 + MLP_BLOCK_ROWS)
+            h = x[r0:r1]
+            for i, (w, b) in enumerate(weights):
+                if i == n_layers - 1:
+                    torch.addmm(b, h, w, out=out[r0:r1])
+                else:
+                    h = torch.addmm(b, h, w, out=take(f"h{i % 2}", (r1 - r0, w.shape[1]))).relu_()
+        return out
 
     def _step_group_reusing(self, names: list[str], grads: Params, state: dict, params: Params, step: Tensor,
                             new_params: dict, new_state: dict, ws: Workspace) -> None:
@@ -624,8 +636,8 @@ class BoundLearnedOptimizer:
         identical; products by per-tensor rows are done per slice in place instead of against a
         broadcast copy (the same products). What the step returns (parameters, accumulators) is
         freshly allocated, never a view of the workspace. Slots: ``g``, ``g2``, ``t1``, ``t2``,
-        ``adam``, ``rsv`` (n or momenta x n), ``fac`` (3 adafactor decays x n), ``x`` (channels x n),
-        ``a`` and ``b`` (n x max(channels, hidden width)).
+        ``adam``, ``rsv`` (n or momenta x n), ``fac`` (3 adafactor decays x n), ``x`` and ``xx``
+        (channels x n), ``mlp`` (n x 2), and the MLP's blocks ``h0``, ``h1``.
         """
         c = self.config
         sizes = tuple(params[k].numel() for k in names)
@@ -676,7 +688,7 @@ class BoundLearnedOptimizer:
         _element_features_into(x_cm, g, p_flats, m, v, fac_blocks[:na], fac_blocks[na:2 * na],
                                fac_blocks[2 * na:], c, take("rsv", (n,)))
         x = x_cm.t()
-        xx = torch.mul(x, x, out=take("a", (nf, n)).t())
+        xx = torch.mul(x, x, out=take("xx", (nf, n)).t())
         norm = torch.rsqrt(1e-5 + self._per_tensor_mean(xx, sizes, counts))
         for row_scale, piece in zip(norm, torch.split(x, sizes)):
             piece.mul_(row_scale)

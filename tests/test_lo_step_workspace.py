@@ -15,9 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import optimizers.learned as learned
 from optimizers.learned import CHUNK_ELEMENTS, LearnedOptimizer, LOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def reuse_for_every_group(monkeypatch):
+    """Every group takes the buffer-reusing step (by default small groups allocate), so the tests
+    cover groups of many small tensors too."""
+    monkeypatch.setattr(learned, "REUSE_MIN_ELEMENTS", 0)
 
 CONFIGS = {
     "controller": LOConfig(),
@@ -206,6 +214,20 @@ def test_pickled_without_buffers():
     assert copy._workspace.nbytes() == 0 and copy.reuse_buffers
     assert len(pickle.dumps(reuse)) < reuse._workspace.nbytes() / 4
     assert reuse.with_total_steps(7).reuse_buffers and not _pair(LOConfig())[1].with_total_steps(7).reuse_buffers
+
+
+def test_small_groups_allocate_by_default(monkeypatch):
+    monkeypatch.setattr(learned, "REUSE_MIN_ELEMENTS", 4096)
+    reuse, alloc = _pair(CONFIGS["controller"])
+    small = _params("small")
+    with torch.no_grad():
+        _assert_same(reuse.update(_grads(small, 0), reuse.init(small), small),
+                     alloc.update(_grads(small, 0), alloc.init(small), small))
+        assert reuse._workspace.nbytes() == 0
+        large = _params("large")
+        _assert_same(reuse.update(_grads(large, 0), reuse.init(large), large),
+                     alloc.update(_grads(large, 0), alloc.init(large), large))
+    assert reuse._workspace.nbytes() > 0
 
 
 PROBE = r"""

@@ -55,6 +55,7 @@ from optimizers.lo_spec import (  # noqa: F401  (re-exports)
 )
 from optimizers.lo_spec import step_backend  # the fused step (the kernels), reached only through the spec
 from optimizers.tree import Params, under_func_transform
+from optimizers.workspace import Workspace
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
@@ -67,6 +68,11 @@ def _normalize(x: Tensor) -> Tensor:
     return x * torch.rsqrt(1e-5 + (x * x).mean(dim=0, keepdim=True))
 
 
+# Groups of at least this many elements take the buffer-reusing step when it may run: below it the
+# allocating step's temporaries are small and its fewer ops are faster (measured on a 2-core AMD EPYC:
+# 0.35 ms slower per step with reuse at 256 elements, equal at 1024, 1.5x faster at 4096).
+REUSE_MIN_ELEMENTS = 4096
+MLP_BLOCK_ROWS = 8192  # elements per block of the buffer-reusing step's MLP (BoundLearnedOptimizer._mlp_into)
 CHUNK_ELEMENTS = 1 << 16  # largest group of tensors stepped as one concatenation (BoundLearnedOptimizer.update)
 
 
@@ -98,6 +104,54 @@ def _broadcast(per_tensor: Tensor, sizes: tuple[int, ...]) -> Tensor:
 
 
 _PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def _element_features_into(out: Tensor, g: Tensor, p_flats: list[Tensor], m: Tensor, v: Tensor, row_b: Tensor,
+                           col_b: Tensor, fac: Tensor, cfg: LOConfig, rs_v: Tensor) -> None:
+    """:func:`optimizers.lo_spec.element_features` written into ``out`` (channels, n), the same ops
+    per channel (copies, ``out=`` products, in-place rsqrt), so the values are identical; the
+    channel-major layout is that of its concatenation. ``p_flats``: the parameters, flat, in the
+    step's dtype (copied, or concatenated, straight into their channel); ``rs_v``: a scratch (n,)."""
+    nmf = min(len(cfg.momentum_decays), len(cfg.adafactor_decays))
+    nm, na = len(cfg.momentum_decays), len(cfg.adafactor_decays)
+    have_rs_v = False
+    i = 0
+    for name in cfg.features:
+        width = group_channels(name, nm, na)
+        dst = out[i:i + width]
+        i += width
+        if name in ("adam_dir", "rsqrt_rms") and not have_rs_v:  # rsqrt(v + eps), computed once
+            torch.add(v, 1e-6, out=rs_v).rsqrt_()
+            have_rs_v = True
+        if name == "grad":
+            dst[0].copy_(g)
+        elif name == "param":
+            if len(p_flats) == 1:
+                dst[0].copy_(p_flats[0])
+            else:
+                torch.cat(p_flats, out=dst[0])
+        elif name == "momentum":
+            dst.copy_(m)
+        elif name == "rms":
+            dst[0].copy_(v)
+        elif name == "adam_dir":
+            torch.mul(m, rs_v, out=dst)
+        elif name == "rsqrt_rms":
+            dst[0].copy_(rs_v)
+        elif name == "fac_grad":
+            torch.mul(g, fac, out=dst)
+        elif name == "row":
+            dst.copy_(row_b)
+        elif name == "col":
+            dst.copy_(col_b)
+        elif name == "rsqrt_row":
+            torch.add(row_b, 1e-8, out=dst).rsqrt_()
+        elif name == "rsqrt_col":
+            torch.add(col_b, 1e-8, out=dst).rsqrt_()
+        elif name == "fac_mom":
+            torch.mul(m[:nmf], fac[:nmf], out=dst)
+        else:  # a feature group this path does not know: the caller's config check should have refused
+            raise ConfigError(f"feature group {name!r} has no buffer-reusing form")
 
 
 def _traced_reason(tensors: list, allow_autograd: bool = False) -> str | None:
@@ -163,7 +217,7 @@ class LearnedOptimizer:
         return sum(t.numel() for t in self.init_theta(0).values())
 
     def bind(self, theta: Params, *, kernels: bool | None = None, precision: str = "tf32",
-             total_steps: int | None = None) -> "BoundLearnedOptimizer":
+             total_steps: int | None = None, reuse_buffers: bool = True) -> "BoundLearnedOptimizer":
         """The functional optimizer with weights ``theta``.
 
         ``kernels``: whether ``update`` may use the fused Triton step (:mod:`kernels`). ``None``
@@ -181,9 +235,12 @@ class LearnedOptimizer:
         Neither is part of :class:`LOConfig` (checkpoints are unaffected).
         ``total_steps``: the run's length T, for designs that see the fraction of training t/T
         (``config.needs_total_steps``); ``init(params, total_steps=...)`` may give it instead.
+        ``reuse_buffers``: whether the PyTorch step without autograd writes its large temporaries into
+        buffers kept across steps (:mod:`optimizers.workspace`; the same floats, no page faults for
+        them); ``False`` allocates them every step, as the differentiable step always does.
         """
         return BoundLearnedOptimizer(self.config, theta, kernels=kernels, precision=precision,
-                                     total_steps=total_steps)
+                                     total_steps=total_steps, reuse_buffers=reuse_buffers)
 
     def flops_per_element(self) -> int:
         sizes = self.layer_sizes()
@@ -198,7 +255,7 @@ class BoundLearnedOptimizer:
     """A learned optimizer bound to weights ``theta``: the same interface as Adam."""
 
     def __init__(self, config: LOConfig, theta: Params, *, kernels: bool | None = None,
-                 precision: str = "tf32", total_steps: int | None = None):
+                 precision: str = "tf32", total_steps: int | None = None, reuse_buffers: bool = True):
         if total_steps is not None and (isinstance(total_steps, bool) or int(total_steps) != total_steps
                                         or total_steps < 1):
             raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
@@ -212,6 +269,23 @@ class BoundLearnedOptimizer:
         self.kernels = kernels
         self.precision = precision
         self._constants: dict = {}  # constants built once: decays per (dtype, device, ndim), element counts
+        # The no-grad PyTorch step writes its large temporaries into buffers kept here across steps
+        # (same floats; see optimizers.workspace for why and the memory held). ``reuse_buffers=False``
+        # runs the allocating step everywhere (the reference the reusing step is tested against).
+        # Not thread-safe: one bound optimizer must not step in two threads at once.
+        self.reuse_buffers = bool(reuse_buffers)
+        self._workspace = Workspace()
+
+    def __getstate__(self) -> dict:
+        """Pickled (sent to worker processes, checkpointed) without the scratch buffers."""
+        state = dict(self.__dict__)
+        state["_workspace"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.reuse_buffers = state.get("reuse_buffers", True)
+        self._workspace = Workspace()
 
     def _decay_tensors(self, g: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(md, 1 - md, ad, 1 - ad)`` shaped to broadcast over a tensor like ``g`` (cached: building
@@ -282,7 +356,7 @@ class BoundLearnedOptimizer:
     def with_total_steps(self, total_steps: int) -> "BoundLearnedOptimizer":
         """The same optimizer for a run of ``total_steps`` steps."""
         return BoundLearnedOptimizer(self.config, self.theta, kernels=self.kernels, precision=self.precision,
-                                     total_steps=total_steps)
+                                     total_steps=total_steps, reuse_buffers=self.reuse_buffers)
 
     def init(self, params: Params, *, total_steps: int | None = None) -> dict:
         """Zero accumulators. Designs that see the fraction of training keep T in ``state["horizon"]``
@@ -354,8 +428,13 @@ class BoundLearnedOptimizer:
     def _per_tensor_mean_sq(x: Tensor, sizes: tuple[int, ...], counts: Tensor) -> Tensor:
         """Per-tensor mean of ``x * x`` over the elements (rows) of the concatenated ``x`` (n[, c]).
         (Split-and-sum measured faster than ``index_add`` or ``segment_reduce`` on CPU.)"""
-        sums = torch.stack([piece.sum(0) for piece in torch.split(x * x, sizes)])
-        return sums / counts.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return BoundLearnedOptimizer._per_tensor_mean(x * x, sizes, counts)
+
+    @staticmethod
+    def _per_tensor_mean(xx: Tensor, sizes: tuple[int, ...], counts: Tensor) -> Tensor:
+        """Per-tensor mean of ``xx`` over the elements (rows) of the concatenation (n[, c])."""
+        sums = torch.stack([piece.sum(0) for piece in torch.split(xx, sizes)])
+        return sums / counts.to(xx.dtype).reshape(-1, *([1] * (xx.dim() - 1)))
 
     def _mlp(self, x: Tensor, tfeat: Tensor | None = None) -> Tensor:
         """The per-element MLP. ``tfeat`` (the time features, the last input rows of ``w0``) is the same
@@ -398,9 +477,25 @@ class BoundLearnedOptimizer:
         # groups bound the concatenation copies that would otherwise slow large ones (measured at 1M
         # parameters: one group for all 1.65x slower than per tensor).
         new_params: dict = {}
-        for names in _groups(params):
-            self._step_group(names, grads, state, params, step, new_params, new_state)
+        groups = [(names, sum(params[k].numel() for k in names)) for names in _groups(params)]
+        reuse = any(n >= REUSE_MIN_ELEMENTS for _, n in groups) and self._may_reuse_buffers(grads, state, params)
+        for names, n in groups:
+            if reuse and n >= REUSE_MIN_ELEMENTS:
+                self._step_group_reusing(names, grads, state, params, step, new_params, new_state, self._workspace)
+            else:
+                self._step_group(names, grads, state, params, step, new_params, new_state)
         return new_params, new_state
+
+    def _may_reuse_buffers(self, grads: Params, state: dict, params: Params) -> bool:
+        """Whether the step may write its temporaries into the workspace: only without autograd
+        (``out=`` and in-place ops would break a graph) and outside torch.func transforms, tracing and
+        tensor subclasses, where the allocating step runs unchanged."""
+        if not self.reuse_buffers or torch.is_grad_enabled():
+            return False
+        tensors = [*params.values(), *(grads[k] for k in params), *self.theta.values(), state["step"],
+                   *(state[k] for k in ("horizon", "loss_stats") if k in state),
+                   *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
+        return _traced_reason(tensors) is None
 
     def _step_group(self, names: list[str], grads: Params, state: dict, params: Params, step: Tensor,
                     new_params: dict, new_state: dict) -> None:
@@ -480,9 +575,179 @@ class BoundLearnedOptimizer:
         for k, piece in zip(names, torch.split(delta, sizes)):
             new_params[k] = params[k] - piece.reshape(params[k].shape).to(params[k].dtype)
 
+    # ---- the same step, its temporaries in reused buffers -------------------------------------
+    def _factored_into(self, g: Tensor, g2: Tensor, st: dict, k: str, out: Tensor) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_factored` with the block written into ``out`` (3 * adafactor decays, elements of
+        ``g``; may be a column slice of a wider buffer). Same ops; returns the new row and column
+        accumulators (new tensors: they are state)."""
+        c = self.config
+        shape, na = g.shape, len(c.adafactor_decays)
+        _, _, ad, one_ad = self._decay_tensors(g)
+        dims = factored_dims(shape)
+        if dims is None:
+            row = ad * st["row"][k] + one_ad * g2
+            rows = row.reshape(na, -1)
+            out[:na].copy_(rows)
+            out[na:2 * na].copy_(rows)
+            torch.add(rows, 1e-9, out=out[2 * na:]).rsqrt_()
+            return row, None
+        a, b = dims
+        row = ad * st["row"][k] + one_ad * g2.mean(dim=b, keepdim=True)
+        col = ad * st["col"][k] + one_ad * g2.mean(dim=a, keepdim=True)
+        row_mean = row.mean(dim=a + 1, keepdim=True)
+        row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
+        col_factor = torch.rsqrt(torch.clamp(col, min=1e-9))
+        block = out.view(3 * na, *shape)
+        block[:na].copy_(row.expand(na, *shape))
+        block[na:2 * na].copy_(col.expand(na, *shape))
+        torch.mul(row_factor, col_factor, out=block[2 * na:])
+        return row, col
+
+    def _mlp_into(self, x: Tensor, tfeat: Tensor | None, take) -> Tensor:
+        """:meth:`_mlp` with its output in the reused slot ``"mlp"``, run over blocks of
+        :data:`MLP_BLOCK_ROWS` elements so the hidden activations (slots ``"h0"`` / ``"h1"``, one block
+        each) stay in cache and the workspace does not hold (elements x hidden width) floats. Same ops
+        per element: ``addmm`` with ``out=`` over a block of rows computes each row as the whole matrix
+        product does (each output element is its own dot product over the inputs; checked bitwise by
+        the tests), in-place ReLU."""
+        n_layers = self.config.hidden_layers + 1
+        weights = []
+        for i in range(n_layers):
+            w, b = self.theta[f"w{i}"].to(x.dtype), self.theta[f"b{i}"].to(x.dtype)
+            if i == 0 and tfeat is not None and tfeat.numel():
+                n = x.shape[1]
+                w, b = w[:n], b + tfeat.to(x.dtype) @ w[n:]
+            if b.dim() != 1:  # not the shapes addmm takes: the allocating MLP
+                return self._mlp(x, tfeat)
+            weights.append((w, b))
+        rows = x.shape[0]
+        out = take("mlp", (rows, weights[-1][0].shape[1]))
+        for r0 in range(0, rows, MLP_BLOCK_ROWS):
+            r1 = min(rows, r0 + MLP_BLOCK_ROWS)
+            h = x[r0:r1]
+            for i, (w, b) in enumerate(weights):
+                if i == n_layers - 1:
+                    torch.addmm(b, h, w, out=out[r0:r1])
+                else:
+                    h = torch.addmm(b, h, w, out=take(f"h{i % 2}", (r1 - r0, w.shape[1]))).relu_()
+        return out
+
+    def _step_group_reusing(self, names: list[str], grads: Params, state: dict, params: Params, step: Tensor,
+                            new_params: dict, new_state: dict, ws: Workspace) -> None:
+        """:meth:`_step_group` with its large temporaries written into ``ws`` (no autograd).
+
+        The same operations in the same order, each writing into a buffer of the shape and memory
+        layout the allocating step's result has (``out=`` forms, in-place ops), so every float is
+        identical; products by per-tensor rows are done per slice in place instead of against a
+        broadcast copy (the same products). What the step returns (parameters, accumulators) is
+        freshly allocated, never a view of the workspace. Slots: ``g``, ``g2``, ``t1``, ``t2``,
+        ``adam``, ``rsv`` (n or momenta x n), ``fac`` (3 adafactor decays x n), ``x`` and ``xx``
+        (channels x n), ``mlp`` (n x 2), and the MLP's blocks ``h0``, ``h1``.
+        """
+        c = self.config
+        sizes = tuple(params[k].numel() for k in names)
+        sdt = {k: state["v"][k].dtype for k in names}
+        dt = sdt[names[0]]
+        for k in names[1:]:
+            dt = torch.promote_types(dt, sdt[k])
+        nm, na = len(c.momentum_decays), len(c.adafactor_decays)
+        n = sum(sizes)
+        device = params[names[0]].device
+        counts = self._counts(sizes, device)
+
+        def take(slot: str, shape: tuple[int, ...]) -> Tensor:
+            return ws.take(slot, shape, dt, device)
+
+        if len(names) == 1:
+            g = grads[names[0]].reshape(-1).to(dt)
+        else:
+            g = torch.cat([grads[k].reshape(-1).to(dt) for k in names], out=take("g", (n,)))
+        g = torch.nan_to_num(g, nan=0.0, posinf=c.grad_clip, neginf=-c.grad_clip, out=take("g", (n,)))
+        torch.clamp(g, -c.grad_clip, c.grad_clip, out=g)
+        md, one_md, _, _ = self._decay_tensors(g)
+        if len(names) == 1:
+            m_old = state["m"][names[0]].reshape(nm, -1).to(dt)
+        else:
+            m_old = torch.cat([state["m"][k].reshape(nm, -1).to(dt) for k in names], dim=1, out=take("t1", (nm, n)))
+        m = torch.mul(md, m_old, out=take("t1", (nm, n))) + torch.mul(one_md, g, out=take("t2", (nm, n)))
+        if len(names) == 1:
+            v_old = state["v"][names[0]].reshape(-1).to(dt)
+        else:
+            v_old = torch.cat([state["v"][k].reshape(-1).to(dt) for k in names], out=take("t1", (n,)))
+        gg = torch.mul(g, 1 - c.rms_decay, out=take("t2", (n,)))
+        v = torch.mul(v_old, c.rms_decay, out=take("t1", (n,))) + gg.mul_(g)
+        g2 = torch.mul(g, g, out=take("g2", (n,))).add_(1e-30)
+        fac_blocks = take("fac", (3 * na, n))  # row_b, col_b, fac
+        off = 0
+        for k, piece, piece2 in zip(names, torch.split(g, sizes), torch.split(g2, sizes)):
+            shape = params[k].shape
+            row, col = self._factored_into(piece.reshape(shape), piece2.reshape(shape), state, k,
+                                           fac_blocks[:, off:off + piece.numel()])
+            off += piece.numel()
+            new_state["row"][k] = row.to(sdt[k])
+            if col is not None:
+                new_state["col"][k] = col.to(sdt[k])
+        p_flats = [params[k].reshape(-1).to(dt) for k in names] if "param" in c.features else [g]
+        nf = c.num_element_features
+        x_cm = take("x", (nf, n))  # channel-major, as the allocating step's concatenation
+        _element_features_into(x_cm, g, p_flats, m, v, fac_blocks[:na], fac_blocks[na:2 * na],
+                               fac_blocks[2 * na:], c, take("rsv", (n,)))
+        x = x_cm.t()
+        xx = torch.mul(x, x, out=take("xx", (nf, n)).t())
+        norm = torch.rsqrt(1e-5 + self._per_tensor_mean(xx, sizes, counts))
+        for row_scale, piece in zip(norm, torch.split(x, sizes)):
+            piece.mul_(row_scale)
+        for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
+            shape = params[k].shape
+            new_state["m"][k] = mk.reshape(nm, *shape).to(sdt[k])
+            new_state["v"][k] = vk.reshape(shape).to(sdt[k])
+        adam = None
+        if c.nominal == "adam":
+            bc1 = 1 - c.momentum_decays[0] ** step
+            bc2 = 1 - c.rms_decay**step
+            adam = torch.div(m[0], bc1, out=take("adam", (n,)))
+            adam.div_(torch.div(v, bc2, out=take("t1", (n,))).sqrt_().add_(1e-8))
+        scales = []
+        if c.step_scale != "none":
+            scales = [tensor_step_scale(params[k], c).to(x.dtype) if params[k].dim() >= 2
+                      else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
+        tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
+        if "loss_stats" in state:
+            tfeat = torch.cat([tfeat, loss_features(state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
+        out = self._mlp_into(x, tfeat, take)
+        d, mag = out[:, 0], out[:, 1]
+        lr = None
+        if c.nominal == "adam":
+            log_lr = self.theta["nominal_log_lr"]
+            if "nominal_time_w" in self.theta:
+                log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
+            lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
+        if c.design == "additive":
+            delta = torch.mul(mag, c.exp_mult, out=take("t1", (n,))).exp_()
+            delta = torch.mul(d, delta, out=delta).mul_(c.step_mult)
+            if lr is not None:
+                delta.add_(adam.mul_(lr))
+        elif c.design == "controller":
+            delta = torch.tanh(d, out=take("t1", (n,))).mul_(c.controller_bound).exp_()
+            delta = torch.mul(lr, delta, out=delta).mul_(adam)
+        else:  # normalized: rms-normalise the learned direction per tensor
+            dd = torch.mul(d, d, out=take("t1", (n,)))
+            dscale = torch.rsqrt(self._per_tensor_mean(dd, sizes, counts) + 1e-12)
+            dn = take("t2", (n,))
+            for s_k, d_k, dn_k in zip(dscale, torch.split(d, sizes), torch.split(dn, sizes)):
+                torch.mul(d_k, s_k, out=dn_k)
+            dn.mul_(self.theta["mix"].to(dn.dtype))
+            delta = torch.mul(lr, adam.add_(dn), out=adam)
+        if scales:
+            for s_k, piece in zip(scales, torch.split(delta, sizes)):
+                piece.mul_(s_k)
+        delta.clamp_(-c.max_update, c.max_update)
+        for k, piece in zip(names, torch.split(delta, sizes)):
+            new_params[k] = params[k] - piece.reshape(params[k].shape).to(params[k].dtype)
+
 
 __all__ = [
-    "LearnedOptimizer", "BoundLearnedOptimizer", "CHUNK_ELEMENTS",
+    "LearnedOptimizer", "BoundLearnedOptimizer", "CHUNK_ELEMENTS", "REUSE_MIN_ELEMENTS", "MLP_BLOCK_ROWS",
     # the specification (optimizers.lo_spec), re-exported
     "LOConfig", "ConfigError", "check_types", "_check_keys", "FEATURE_GROUPS", "DEFAULT_TAUS",
     "DEFAULT_FRACTIONS", "DESIGNS", "TIME_FEATURES", "STEP_SCALES", "LOSS_FEATURES", "LEGACY_FIELDS",

@@ -8,6 +8,10 @@ measured on a 2-core AMD EPYC at 986,880 parameters, 40% of the step (0.40 s -> 
 0.76 s -> 0 over five steps; ``bench/cpu_speed.py --malloc heap``). XLA-compiled steps allocate far
 fewer temporaries, so this is where a PyTorch step loses to a jitted one.
 
+The learned optimizer's step without autograd now writes those temporaries into buffers it keeps
+(:mod:`optimizers.workspace`), which removes these faults without any allocator setting; this still
+helps the differentiable step (truncated backprop through it allocates every step) and other code.
+
 This is process-wide allocator policy, so nothing in the library sets it on its own: call
 :func:`keep_freed_memory_in_heap` at the start of a CPU training script (or set the equivalent
 environment variables ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or run

@@ -29,7 +29,7 @@ g = torch.Generator().manual_seed(0)
 params = {f"w{i}": torch.randn(256, 256, generator=g) * 0.02 for i in range(8)}
 grads = {k: torch.randn(p.shape, generator=g) * 1e-2 for k, p in params.items()}
 lo = LearnedOptimizer()
-opt = lo.bind(lo.init_theta(0), kernels=False)
+opt = lo.bind(lo.init_theta(0), kernels=False, reuse_buffers=False)  # the allocating step
 state = opt.init(params, total_steps=100)
 def step():  # the learned optimizer's step: large temporaries, all freed at the end
     global params, state

@@ -104,7 +104,8 @@ NOTES = {
                           "-0.037 (mean -0.038), below the bound=2 default on every seed; but weaker on the inner "
                           "tasks (the governor's generalisation check failed: +0.204 [-0.025, +0.417])",
     "default_s6": "session 6: `logu20` and `controller_bound_1` together, the default preset since (generation 0 "
-                  "of `docs/generations_session6`, adopted by the governor: loop check -0.163)",
+                  "of `docs/generations_session6`, adopted by the governor: loop check -0.163; its held-out numbers are "
+                  "that review's, identical to `python train.py`'s evaluation of the same weights)",
 }
 
 

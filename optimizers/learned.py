@@ -394,11 +394,14 @@ class BoundLearnedOptimizer:
         return state
 
     # ---- step -------------------------------------------------------------------------------
-    def _factored(self, g: Tensor, g2: Tensor, st: dict, k: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _factored(self, g: Tensor, g2: Tensor, st: dict, k: str,
+                  out: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """One tensor's Adafactor accumulators (shape-dependent, so per tensor); returns the new row
         and column accumulators and the per-element ``(adafactor decays, n)`` block ``[row_b; col_b;
         fac]`` of the features (``row_b``/``col_b``: the accumulators broadcast to the elements, ``fac``
-        the factored rsqrt of the second moment)."""
+        the factored rsqrt of the second moment). With ``out`` (3 * adafactor decays rows, elements of
+        ``g`` columns; may be a column slice of a wider reused buffer) the block is written there with
+        the same ops instead of concatenated (the accumulators are new tensors either way: state)."""
         c = self.config
         shape, na = g.shape, len(c.adafactor_decays)
         _, _, ad, one_ad = self._decay_tensors(g)
@@ -406,7 +409,12 @@ class BoundLearnedOptimizer:
         if dims is None:
             row = ad * st["row"][k] + one_ad * g2
             rows = row.reshape(na, -1)
-            return row, None, torch.cat([rows, rows, torch.rsqrt(rows + 1e-9)])
+            if out is None:
+                return row, None, torch.cat([rows, rows, torch.rsqrt(rows + 1e-9)])
+            out[:na].copy_(rows)
+            out[na:2 * na].copy_(rows)
+            torch.add(rows, 1e-9, out=out[2 * na:]).rsqrt_()
+            return row, None, out
         a, b = dims
         row = ad * st["row"][k] + one_ad * g2.mean(dim=b, keepdim=True)
         col = ad * st["col"][k] + one_ad * g2.mean(dim=a, keepdim=True)
@@ -414,8 +422,14 @@ class BoundLearnedOptimizer:
         row_mean = row.mean(dim=a + 1, keepdim=True)
         row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
         col_factor = torch.rsqrt(torch.clamp(col, min=1e-9))
-        block = torch.cat([row.expand(na, *shape), col.expand(na, *shape), row_factor * col_factor])
-        return row, col, block.reshape(3 * na, -1)
+        if out is None:
+            block = torch.cat([row.expand(na, *shape), col.expand(na, *shape), row_factor * col_factor])
+            return row, col, block.reshape(3 * na, -1)
+        block = out.view(3 * na, *shape)
+        block[:na].copy_(row.expand(na, *shape))
+        block[na:2 * na].copy_(col.expand(na, *shape))
+        torch.mul(row_factor, col_factor, out=block[2 * na:])
+        return row, col, out
 
     def _counts(self, sizes: tuple[int, ...], device: torch.device) -> Tensor:
         """Per-tensor element counts (at least 1), shape (tensors, 1), cached per list of sizes."""
@@ -497,6 +511,52 @@ class BoundLearnedOptimizer:
                    *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
         return _traced_reason(tensors) is None
 
+    # ---- pieces shared by the allocating step and the one that reuses buffers ---------------------
+    @staticmethod
+    def _group_layout(names: list[str], params: Params, state: dict) -> tuple[tuple[int, ...], dict, torch.dtype]:
+        """A group's per-tensor element counts, per-tensor state dtypes and the dtype its concatenated
+        computation runs in (the promotion of the state dtypes)."""
+        sizes = tuple(params[k].numel() for k in names)
+        sdt = {k: state["v"][k].dtype for k in names}
+        dt = sdt[names[0]]
+        for k in names[1:]:
+            dt = torch.promote_types(dt, sdt[k])
+        return sizes, sdt, dt
+
+    def _store_moments(self, names: list[str], params: Params, m: Tensor, v: Tensor, sizes: tuple[int, ...],
+                       sdt: dict, new_state: dict) -> None:
+        """The group's new momenta / second moments, per tensor, in each tensor's state dtype (fresh
+        tensors: ``.to`` copies out of the concatenation or its buffer)."""
+        nm = len(self.config.momentum_decays)
+        for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
+            shape = params[k].shape
+            new_state["m"][k] = mk.reshape(nm, *shape).to(sdt[k])
+            new_state["v"][k] = vk.reshape(shape).to(sdt[k])
+
+    def _tensor_scales(self, names: list[str], params: Params, dtype: torch.dtype) -> list[Tensor]:
+        """Per-tensor step scales (width rule for matrices, learned factor for vectors); [] if none."""
+        c = self.config
+        if c.step_scale == "none":
+            return []
+        return [tensor_step_scale(params[k], c).to(dtype) if params[k].dim() >= 2
+                else torch.exp(self.theta["vector_log_lr"]).to(dtype).reshape(()) for k in names]
+
+    def _time_inputs(self, step: Tensor, state: dict, x: Tensor) -> Tensor:
+        """The step-constant inputs: time features, then loss features when the state tracks them."""
+        tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), self.config)
+        if "loss_stats" in state:
+            tfeat = torch.cat([tfeat, loss_features(state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
+        return tfeat
+
+    def _nominal_lr(self, tfeat: Tensor) -> Tensor | None:
+        """The learned schedule's nominal Adam rate at this step (None without a nominal term)."""
+        if self.config.nominal != "adam":
+            return None
+        log_lr = self.theta["nominal_log_lr"]
+        if "nominal_time_w" in self.theta:
+            log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
+        return torch.exp(torch.clamp(log_lr, -20.0, 2.0))
+
     def _step_group(self, names: list[str], grads: Params, state: dict, params: Params, step: Tensor,
                     new_params: dict, new_state: dict) -> None:
         """One group's step (see :meth:`update`), written into ``new_params`` / ``new_state``."""
@@ -505,11 +565,7 @@ class BoundLearnedOptimizer:
         # op count, not the arithmetic, is what a small task's step costs); only the Adafactor
         # accumulators, whose shapes differ, are per tensor. Per-tensor normalisations reduce over
         # each tensor's slice. Same maths as a per-tensor loop (measured: meta-training step -20%).
-        sizes = tuple(params[k].numel() for k in names)
-        sdt = {k: state["v"][k].dtype for k in names}
-        dt = sdt[names[0]]
-        for k in names[1:]:
-            dt = torch.promote_types(dt, sdt[k])
+        sizes, sdt, dt = self._group_layout(names, params, state)
         nm = len(c.momentum_decays)
         counts = self._counts(sizes, params[names[0]].device)
         g = _cat([grads[k].reshape(-1).to(dt) for k in names])
@@ -534,10 +590,7 @@ class BoundLearnedOptimizer:
         p_flat = _cat([params[k].reshape(-1).to(dt) for k in names]) if "param" in c.features else g
         x = element_features(g, p_flat, m, v, fac_blocks[:na], fac_blocks[na:2 * na], fac_blocks[2 * na:], c)
         x = x * _broadcast(torch.rsqrt(1e-5 + self._per_tensor_mean_sq(x, sizes, counts)), sizes)
-        for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
-            shape = params[k].shape
-            new_state["m"][k] = mk.reshape(nm, *shape).to(sdt[k])
-            new_state["v"][k] = vk.reshape(shape).to(sdt[k])
+        self._store_moments(names, params, m, v, sizes, sdt, new_state)
         adam = None
         if c.nominal == "adam":
             bc1 = 1 - c.momentum_decays[0] ** step
@@ -545,21 +598,11 @@ class BoundLearnedOptimizer:
             # safe_sqrt only matters for gradients (sqrt's infinite derivative at 0); same values
             sqrt = safe_sqrt if torch.is_grad_enabled() else torch.sqrt
             adam = (m[0] / bc1) / (sqrt(v / bc2) + 1e-8)
-        scales = []
-        if c.step_scale != "none":
-            scales = [tensor_step_scale(params[k], c).to(x.dtype) if params[k].dim() >= 2
-                      else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
-        tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
-        if "loss_stats" in state:
-            tfeat = torch.cat([tfeat, loss_features(state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
+        scales = self._tensor_scales(names, params, x.dtype)
+        tfeat = self._time_inputs(step, state, x)
         out = self._mlp(x, tfeat)
         d, mag = out[:, 0], out[:, 1]
-        lr = None
-        if c.nominal == "adam":
-            log_lr = self.theta["nominal_log_lr"]
-            if "nominal_time_w" in self.theta:
-                log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
-            lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
+        lr = self._nominal_lr(tfeat)
         if c.design == "additive":
             delta = d * torch.exp(c.exp_mult * mag) * c.step_mult
             if lr is not None:
@@ -576,33 +619,6 @@ class BoundLearnedOptimizer:
             new_params[k] = params[k] - piece.reshape(params[k].shape).to(params[k].dtype)
 
     # ---- the same step, its temporaries in reused buffers -------------------------------------
-    def _factored_into(self, g: Tensor, g2: Tensor, st: dict, k: str, out: Tensor) -> tuple[Tensor, Tensor | None]:
-        """:meth:`_factored` with the block written into ``out`` (3 * adafactor decays, elements of
-        ``g``; may be a column slice of a wider buffer). Same ops; returns the new row and column
-        accumulators (new tensors: they are state)."""
-        c = self.config
-        shape, na = g.shape, len(c.adafactor_decays)
-        _, _, ad, one_ad = self._decay_tensors(g)
-        dims = factored_dims(shape)
-        if dims is None:
-            row = ad * st["row"][k] + one_ad * g2
-            rows = row.reshape(na, -1)
-            out[:na].copy_(rows)
-            out[na:2 * na].copy_(rows)
-            torch.add(rows, 1e-9, out=out[2 * na:]).rsqrt_()
-            return row, None
-        a, b = dims
-        row = ad * st["row"][k] + one_ad * g2.mean(dim=b, keepdim=True)
-        col = ad * st["col"][k] + one_ad * g2.mean(dim=a, keepdim=True)
-        row_mean = row.mean(dim=a + 1, keepdim=True)
-        row_factor = torch.rsqrt(torch.clamp(row / row_mean, min=1e-9))
-        col_factor = torch.rsqrt(torch.clamp(col, min=1e-9))
-        block = out.view(3 * na, *shape)
-        block[:na].copy_(row.expand(na, *shape))
-        block[na:2 * na].copy_(col.expand(na, *shape))
-        torch.mul(row_factor, col_factor, out=block[2 * na:])
-        return row, col
-
     def _mlp_into(self, x: Tensor, tfeat: Tensor | None, take) -> Tensor:
         """:meth:`_mlp` with its output in the reused slot ``"mlp"``, run over blocks of
         :data:`MLP_BLOCK_ROWS` elements so the hidden activations (slots ``"h0"`` / ``"h1"``, one block
@@ -645,11 +661,7 @@ class BoundLearnedOptimizer:
         (channels x n), ``mlp`` (n x 2), and the MLP's blocks ``h0``, ``h1``.
         """
         c = self.config
-        sizes = tuple(params[k].numel() for k in names)
-        sdt = {k: state["v"][k].dtype for k in names}
-        dt = sdt[names[0]]
-        for k in names[1:]:
-            dt = torch.promote_types(dt, sdt[k])
+        sizes, sdt, dt = self._group_layout(names, params, state)
         nm, na = len(c.momentum_decays), len(c.adafactor_decays)
         n = sum(sizes)
         device = params[names[0]].device
@@ -681,8 +693,8 @@ class BoundLearnedOptimizer:
         off = 0
         for k, piece, piece2 in zip(names, torch.split(g, sizes), torch.split(g2, sizes)):
             shape = params[k].shape
-            row, col = self._factored_into(piece.reshape(shape), piece2.reshape(shape), state, k,
-                                           fac_blocks[:, off:off + piece.numel()])
+            row, col, _ = self._factored(piece.reshape(shape), piece2.reshape(shape), state, k,
+                                           out=fac_blocks[:, off:off + piece.numel()])
             off += piece.numel()
             new_state["row"][k] = row.to(sdt[k])
             if col is not None:
@@ -697,31 +709,18 @@ class BoundLearnedOptimizer:
         norm = torch.rsqrt(1e-5 + self._per_tensor_mean(xx, sizes, counts))
         for row_scale, piece in zip(norm, torch.split(x, sizes)):
             piece.mul_(row_scale)
-        for k, mk, vk in zip(names, torch.split(m, sizes, dim=1), torch.split(v, sizes)):
-            shape = params[k].shape
-            new_state["m"][k] = mk.reshape(nm, *shape).to(sdt[k])
-            new_state["v"][k] = vk.reshape(shape).to(sdt[k])
+        self._store_moments(names, params, m, v, sizes, sdt, new_state)
         adam = None
         if c.nominal == "adam":
             bc1 = 1 - c.momentum_decays[0] ** step
             bc2 = 1 - c.rms_decay**step
             adam = torch.div(m[0], bc1, out=take("adam", (n,)))
             adam.div_(torch.div(v, bc2, out=take("t1", (n,))).sqrt_().add_(1e-8))
-        scales = []
-        if c.step_scale != "none":
-            scales = [tensor_step_scale(params[k], c).to(x.dtype) if params[k].dim() >= 2
-                      else torch.exp(self.theta["vector_log_lr"]).to(x.dtype).reshape(()) for k in names]
-        tfeat = time_features(step.to(device=x.device, dtype=x.dtype), state.get("horizon"), c)
-        if "loss_stats" in state:
-            tfeat = torch.cat([tfeat, loss_features(state["loss_stats"]).to(device=x.device, dtype=x.dtype)])
+        scales = self._tensor_scales(names, params, x.dtype)
+        tfeat = self._time_inputs(step, state, x)
         out = self._mlp_into(x, tfeat, take)
         d, mag = out[:, 0], out[:, 1]
-        lr = None
-        if c.nominal == "adam":
-            log_lr = self.theta["nominal_log_lr"]
-            if "nominal_time_w" in self.theta:
-                log_lr = log_lr + (tfeat * self.theta["nominal_time_w"].to(tfeat.dtype)).sum()
-            lr = torch.exp(torch.clamp(log_lr, -20.0, 2.0))
+        lr = self._nominal_lr(tfeat)
         if c.design == "additive":
             delta = torch.mul(mag, c.exp_mult, out=take("t1", (n,))).exp_()
             delta = torch.mul(d, delta, out=delta).mul_(c.step_mult)

@@ -169,13 +169,21 @@ def capture_mlp_inputs(rows: int, steps: int = 3) -> tuple[Tensor, Tensor | None
     params, grads = _torch_problem([matrix_shape(rows)])
     state = opt.init(params, total_steps=STEP_HORIZON)
     seen: dict = {}
-    inner = opt._mlp
+    inner, inner_into = opt._mlp, opt._mlp_into
+
+    def keep(x, tfeat):
+        seen["x"], seen["tfeat"] = x.clone(), None if tfeat is None else tfeat.clone()
 
     def spy(x, tfeat=None):
-        seen["x"], seen["tfeat"] = x.clone(), None if tfeat is None else tfeat.clone()
+        keep(x, tfeat)
         return inner(x, tfeat)
 
-    opt._mlp = spy  # instance attribute: update's self._mlp finds it first
+    def spy_into(x, tfeat, take):  # the step that reuses its buffers (large groups, no autograd)
+        keep(x, tfeat)
+        return inner_into(x, tfeat, take)
+
+    # instance attributes: update's self._mlp / self._mlp_into find them first
+    opt._mlp, opt._mlp_into = spy, spy_into
     with torch.no_grad():
         for _ in range(steps):
             params, state = opt.update(grads, state, params)
@@ -203,21 +211,36 @@ def mlp_alone(rows: int, repeats: int, peak_gflops: float, chain_gflops: float, 
 
 
 class MLPTimer:
-    """Wraps a bound optimizer's ``_mlp`` (instance attribute, the class is untouched) to add up the
-    time and rows of every call; the values it returns are the unwrapped ``_mlp``'s."""
+    """Wraps a bound optimizer's MLP (``_mlp``, and ``_mlp_into`` of the step that reuses its buffers;
+    instance attributes, the class is untouched) to add up the time and rows of every call; the values
+    it returns are the unwrapped methods'. A call made from inside a timed call (``_mlp_into`` falling
+    back to ``_mlp``) is not counted twice."""
 
     def __init__(self, opt: BoundLearnedOptimizer):
-        self.inner = opt._mlp
+        self.inner, self.inner_into = opt._mlp, opt._mlp_into
+        self._depth = 0
         self.reset()
-        opt._mlp = self
+        opt._mlp, opt._mlp_into = self, self.call_into
 
     def reset(self) -> None:
         self.seconds, self.calls, self.rows = 0.0, 0, 0
         self.row_counts: list[int] = []
 
     def __call__(self, x, tfeat=None):
+        return self._timed(self.inner, x, tfeat)
+
+    def call_into(self, x, tfeat, take):
+        return self._timed(self.inner_into, x, tfeat, take)
+
+    def _timed(self, fn, x, *args):
+        if self._depth:
+            return fn(x, *args)
+        self._depth += 1
         t = time.perf_counter()
-        out = self.inner(x, tfeat)
+        try:
+            out = fn(x, *args)
+        finally:
+            self._depth -= 1
         self.seconds += time.perf_counter() - t
         self.calls += 1
         self.rows += x.shape[0]

@@ -72,3 +72,21 @@ def test_mlp_timer_leaves_the_step_unchanged():
         assert torch.equal(p1[k], p2[k])
         assert torch.equal(s1["m"][k], s2["m"][k])
     assert timer.calls == 1 and timer.rows == 16 * 8 + 8 and timer.seconds > 0
+
+
+def test_mlp_timer_counts_the_buffer_reusing_step_once():
+    """A group large enough for the step that reuses its buffers goes through ``_mlp_into``: timed
+    once per group, the step unchanged."""
+    from bench.mlp_throughput import MLPTimer, bound_optimizer
+    from optimizers.learned import REUSE_MIN_ELEMENTS
+
+    gen = torch.Generator().manual_seed(4)
+    params = {"w": torch.randn(128, REUSE_MIN_ELEMENTS // 64, generator=gen)}
+    grads = {"w": torch.randn(params["w"].shape, generator=gen)}
+    plain, timed = bound_optimizer(), bound_optimizer()
+    timer = MLPTimer(timed)
+    with torch.no_grad():
+        p1, _ = plain.update(grads, plain.init(params, total_steps=10), params)
+        p2, _ = timed.update(grads, timed.init(params, total_steps=10), params)
+    assert torch.equal(p1["w"], p2["w"])
+    assert timer.calls == 1 and timer.rows == params["w"].numel() and timer.seconds > 0

@@ -44,9 +44,16 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
+# glibc's starting mmap threshold, made fixed: with the library's *dynamic* threshold whether freed
+# buffers are unmapped depends on the heap's layout (measured: 2 of 10 default-setting processes
+# faulted ~2,300 pages over the 5 steps, the others ~180,000-230,000), so both probes start from this
+# fixed setting, which always returns them; the function under test must override it from inside.
+FIXED_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def _faults(mode: str) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True,
-                         check=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         check=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", **FIXED_THRESHOLD})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -58,7 +65,7 @@ def _glibc() -> bool:
 def test_freed_large_buffers_stop_faulting_fresh_pages():
     default, heap = _faults("default"), _faults("heap")
     assert heap["applied"] is True
-    # by default the step's large temporaries are unmapped or trimmed after each step and their pages
+    # without the call the step's large temporaries are unmapped after each step and their pages
     # faulted fresh in the next; after the call (nearly) none are
     assert default["faults"] > 10_000, default
     assert heap["faults"] < default["faults"] / 10, (default, heap)

@@ -317,9 +317,7 @@ class BoundLearnedOptimizer:
         reason = backend.refusal(self.kernels, device)
         if reason:
             return reason
-        tensors = [*params.values(), *grads.values(), *self.theta.values(), state["step"],
-                   *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
-        reason = _traced_reason(tensors, allow_autograd=differentiable)
+        reason = _traced_reason(self._step_tensors(grads, state, params), allow_autograd=differentiable)
         if reason:
             return reason
         if set(grads) != set(params):
@@ -473,9 +471,7 @@ class BoundLearnedOptimizer:
             return {}, {**state, "step": state["step"] + 1}
         state = self.observe_loss(state, loss)  # first: every path below sees the updated statistics
         if self.kernels is not False and self.kernel_reason(grads, state, params, differentiable=True) is None:
-            tensors = [*params.values(), *grads.values(), *self.theta.values(),
-                       *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
-            if _needs_autograd(tensors):  # truncated backprop: kernel forward + kernel backward
+            if _needs_autograd(self._step_tensors(grads, state, params)):  # truncated backprop: kernel forward + kernel backward
                 return step_backend().step_autograd(params, grads, state, self.theta, c, forward="triton",
                                                     backward="auto", precision=self.precision)
             return step_backend().step(params, grads, state, self.theta, c, precision=self.precision,
@@ -506,10 +502,15 @@ class BoundLearnedOptimizer:
         tensor subclasses, where the allocating step runs unchanged."""
         if not self.reuse_buffers or torch.is_grad_enabled():
             return False
-        tensors = [*params.values(), *(grads[k] for k in params), *self.theta.values(), state["step"],
-                   *(state[k] for k in ("horizon", "loss_stats") if k in state),
-                   *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
+        tensors = [*self._step_tensors(grads, state, params),
+                   *(state[k] for k in ("horizon", "loss_stats") if k in state)]
         return _traced_reason(tensors) is None
+
+    def _step_tensors(self, grads: Params, state: dict, params: Params) -> list[Tensor]:
+        """Every tensor a step reads (parameters, gradients, weights, step count, accumulators): what
+        decides whether a faster path may run (kernels, reused buffers)."""
+        return [*params.values(), *grads.values(), *self.theta.values(), state["step"],
+                *(t for key in ("m", "v", "row", "col") for t in state.get(key, {}).values())]
 
     # ---- pieces shared by the allocating step and the one that reuses buffers ---------------------
     @staticmethod

@@ -72,6 +72,11 @@ VARIANTS: dict[str, dict[str, str]] = {
     "controller_bound_1": {**BOUND2, "lo.controller_bound": "1.0"},
     # both: the default preset since session 6
     "default_s6": {},
+    # session 7: a quarter of the meta-training tasks with additive gradient noise (meta-training only)
+    "noisy": {"meta.distribution": "digits_mlp_noisy"},
+    # session 7: the outer job in the distribution (one meta-training task in eight meta-trains a tiny
+    # learned optimizer), at the session-6 preset
+    "outer_s7": {"meta.distribution": "digits_mlp_outer"},
 }
 # what a reader must know to compare rows measured under different presets / code
 _SESSION1 = "preset of session 1: 1 process, constant outer lr"
@@ -106,6 +111,18 @@ NOTES = {
     "default_s6": "session 6: `logu20` and `controller_bound_1` together, the default preset since (generation 0 "
                   "of `docs/generations_session6`, adopted by the governor: loop check -0.163; its held-out numbers are "
                   "that review's, identical to `python train.py`'s evaluation of the same weights)",
+    "noisy": "session 7: the default preset on `digits_mlp_noisy` (a quarter of the meta-training tasks get "
+             "additive gradient noise of 1e-2..1, i.e. signal-to-noise ratios from a digits MLP's ~3 down to "
+             "below the outer job's; evaluation splits identical to `digits_mlp`), meant to make generation 0 "
+             "a better optimizer of its own (noisy) meta-gradients. Better validation loss, half the gain in "
+             "training loss, and a much worse successor trainer: `bench/successor_probe.py` (seed 1) candidate "
+             "-0.047 vs control -0.295 at H (the default's: -0.468 vs -0.552), though its loop check (fresh weights, 20 outer steps) passes: -0.160. Not adopted",
+    "outer_s7": "session 7: the default preset on `digits_mlp_outer` (one meta-training task in eight is the "
+                "`learned_optimizer` family: the recursion's outer job in the distribution; evaluation splits "
+                "identical to `digits_mlp`). As good on the inner tasks (better validation loss), but a much "
+                "worse successor trainer: `bench/successor_probe.py` (seed 1) candidate -0.481 vs control "
+                "-0.726 at H, though its loop check passes (-0.119). Its meta-training ran beside other jobs part of the "
+                "time (283 s wall). Not adopted",
 }
 
 

@@ -166,6 +166,9 @@ class TaskDistribution:
     # split is exactly the distribution without them)
     train_families: list[tuple[str, dict[str, Any], float]] = field(default_factory=list)
     train_prob: float = 0.0
+    # augmentation of meta_train tasks only (same keywords as ``augment``; applied when ``augment``
+    # drew nothing), so the evaluation splits stay exactly the distribution without it
+    train_augment: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.train_prob <= 1.0 or (self.train_prob > 0) != bool(self.train_families):
@@ -213,12 +216,13 @@ class TaskDistribution:
         cfg.update(self.overrides)
         cfg["family"] = fam_name
         cfg["seed"] = seed
-        if self.augment:
-            from tasks.augment import sample_augment
+        for aug_kwargs in (self.augment, self.train_augment if split == "meta_train" else None):
+            if aug_kwargs and "augment" not in cfg:
+                from tasks.augment import sample_augment
 
-            aug = sample_augment(seed, **self.augment)
-            if aug:
-                cfg["augment"] = aug
+                aug = sample_augment(seed, **aug_kwargs)
+                if aug:
+                    cfg["augment"] = aug
         return cfg
 
     def task(self, split: str, index: int) -> Task:
@@ -231,5 +235,7 @@ class TaskDistribution:
             spec["augment"] = self.augment
         if self.train_families:
             spec["train_families"], spec["train_prob"] = self.train_families, self.train_prob
+        if self.train_augment:
+            spec["train_augment"] = self.train_augment
         blob = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

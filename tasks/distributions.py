@@ -66,6 +66,12 @@ DISTRIBUTIONS: dict[str, Callable[..., TaskDistribution]] = {
     "digits_mlp_outer": lambda seed=0: TaskDistribution(
         "digits_mlp_outer", [("image_mlp", {"dataset": "digits"}, 1.0)], seed=seed,
         train_families=[("learned_optimizer", {}, 1.0)], train_prob=0.125),
+    # digits_mlp with a quarter of the meta_train tasks given additive gradient noise of 0.3x..30x a
+    # digits MLP's gradient RMS at init (signal-to-noise ratios down to those of the outer job's
+    # meta-gradients); evaluation splits are exactly digits_mlp's
+    "digits_mlp_noisy": lambda seed=0: TaskDistribution(
+        "digits_mlp_noisy", [("image_mlp", {"dataset": "digits"}, 1.0)], seed=seed,
+        train_augment={"grad_noise_prob": 0.25, "grad_noise_range": (1e-2, 1.0)}),
     "mnist_mlp": _image_mlp("mnist_mlp", "mnist"),
     "fashion_mnist_mlp": _image_mlp("fashion_mnist_mlp", "fashion_mnist"),
     "cifar10_mlp": _image_mlp("cifar10_mlp", "cifar10"),

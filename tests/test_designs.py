@@ -220,6 +220,19 @@ def _digest_without_augment(dist) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def test_train_only_augmentation_leaves_the_evaluation_splits_alone():
+    base, noisy = get_distribution("digits_mlp"), get_distribution("digits_mlp_noisy")
+    for split in ("held_out", "test", "selection"):
+        assert all(base.config(split, i) == noisy.config(split, i) for i in range(60)), split
+    cfgs = [noisy.config("meta_train", i) for i in range(400)]
+    noised = [c for c in cfgs if "augment" in c]
+    assert 60 <= len(noised) <= 140  # grad_noise_prob 0.25 of 400
+    assert all(set(c["augment"]) == {"grad_noise"} and 1e-2 <= c["augment"]["grad_noise"] <= 1.0 for c in noised)
+    # the augmented tasks are the same tasks, only noisier
+    assert all({k: v for k, v in c.items() if k != "augment"} == base.config("meta_train", i) for i, c in enumerate(cfgs))
+    assert base.digest() != noisy.digest()
+
+
 def test_bad_augment_entries_are_task_config_errors():
     from tasks.base import TaskConfigError
 

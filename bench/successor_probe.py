@@ -67,36 +67,32 @@ if opts.get("zero_mlp"):
     outer_theta[f"w{n}"] = torch.zeros_like(theta[f"w{n}"])
     outer_theta[f"b{n}"] = torch.zeros_like(theta[f"b{n}"])
 
-# the probe's changes act on the outer optimizer only (marked ``_outer``), never on the successor's inner runs
-_time_inputs, _update, _mlp, _wts = (L.BoundLearnedOptimizer._time_inputs, L.BoundLearnedOptimizer.update,
-                                     L.BoundLearnedOptimizer._mlp, L.BoundLearnedOptimizer.with_total_steps)
+plain_small = int(opts["plain_small"]) if "plain_small" in opts else 0
 
 
-def time_inputs(self, step, state, x):
-    return _time_inputs(self, step + elapsed if getattr(self, "_outer", False) else step, state, x)
+class OuterProbe(L.BoundLearnedOptimizer):
+    """The incumbent as the outer optimizer, with the probe's changes; the successor's own inner runs use
+    the plain class, so nothing here touches them. ``continue``: the time inputs see ``elapsed`` more
+    steps of a run ``elapsed`` longer. ``plain_small``: the MLP's output zeroed on tensors of fewer
+    elements (the outer problem is below the buffer-reusing step's size, so ``_mlp`` is the MLP it runs)."""
 
+    def with_total_steps(self, total_steps):
+        return OuterProbe(self.config, self.theta, kernels=self.kernels, precision=self.precision,
+                          total_steps=total_steps + elapsed, reuse_buffers=self.reuse_buffers)
 
-def update(self, grads, state, params, **kw):
-    self._sizes = [p.numel() for p in params.values()]
-    return _update(self, grads, state, params, **kw)
+    def _time_inputs(self, step, state, x):
+        return super()._time_inputs(step + elapsed, state, x)
 
+    def update(self, grads, state, params, **kw):
+        self._sizes = [p.numel() for p in params.values()]
+        return super().update(grads, state, params, **kw)
 
-def mlp(self, x, tfeat=None):
-    out = _mlp(self, x, tfeat)
-    if not (getattr(self, "_outer", False) and "plain_small" in opts):
-        return out
-    mask = torch.cat([torch.full((n,), float(n >= int(opts["plain_small"]))) for n in self._sizes]).to(out.dtype)
-    return out * mask[:, None]
-
-
-def with_total_steps(self, total):
-    bound = _wts(self, total + (elapsed if getattr(self, "_outer", False) else 0))
-    bound._outer = getattr(self, "_outer", False)
-    return bound
-
-
-L.BoundLearnedOptimizer._time_inputs, L.BoundLearnedOptimizer.update = time_inputs, update
-L.BoundLearnedOptimizer._mlp, L.BoundLearnedOptimizer.with_total_steps = mlp, with_total_steps
+    def _mlp(self, x, tfeat=None):
+        out = super()._mlp(x, tfeat)
+        if not plain_small:
+            return out
+        mask = torch.cat([torch.full((n,), float(n >= plain_small)) for n in self._sizes]).to(out.dtype)
+        return out * mask[:, None]
 
 
 class Scheduled:
@@ -126,8 +122,7 @@ class Scheduled:
 
 
 if arm == "candidate":
-    bound = lopt.bind(outer_theta)
-    bound._outer = True
+    bound = OuterProbe(lopt.config, outer_theta)
     outer = Scheduled(scale_updates(bound, scale), warmdown=bool(opts.get("warmdown")))
 else:
     outer = Scheduled(Adam(lr=cfg.meta.outer_lr), warmdown=cfg.meta.outer_decay > 0)

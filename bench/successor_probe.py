@@ -15,6 +15,8 @@ for one arm, with one thing changed at a time, then scored on the governor's hel
                                                                # incumbent's (t from meta.outer_steps of
                                                                # meta.outer_steps + steps; the control's warm-down
                                                                # likewise)
+    python bench/successor_probe.py arm=candidate fresh=1      # the successor starts from a fresh initialisation
+                                                               # (generations' --gen.start fresh), not the incumbent
     python bench/successor_probe.py arm=candidate ckpt=runs/default/checkpoint
 
 ``ckpt`` (default ``runs/default/checkpoint``) is the incumbent: the weights the successor starts from and, for
@@ -45,6 +47,7 @@ from optimizers import learned as L  # noqa: E402
 from optimizers.hand import Adam  # noqa: E402
 from optimizers.transforms import WarmDown, scale_updates  # noqa: E402
 from tasks import get_distribution  # noqa: E402
+from tasks.base import seeded  # noqa: E402
 
 opts = dict(a.split("=", 1) for a in sys.argv[1:])
 if "compare" in opts:
@@ -128,7 +131,10 @@ else:
     outer = Scheduled(Adam(lr=cfg.meta.outer_lr), warmdown=cfg.meta.outer_decay > 0)
 run_cfg = replace(cfg, meta=replace(cfg.meta, outer_steps=steps, seed=cfg.meta.seed + g), wandb="disabled",
                   out_dir=str(Path("runs/successor_probe") / "work"))
-trainer = MetaTrainer(run_cfg, outer=outer, theta={k: v.clone() for k, v in theta.items()})
+start = theta
+if opts.get("fresh"):  # as generations' _start does under gen.start fresh
+    start = L.LearnedOptimizer(cfg.lo).init_theta(seeded("theta", cfg.meta.seed + g))
+trainer = MetaTrainer(run_cfg, outer=outer, theta={k: v.clone() for k, v in start.items()})
 for _ in range(steps):
     trainer.train_step()
 dist = get_distribution(cfg.meta.distribution, cfg.meta.dist_seed)

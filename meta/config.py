@@ -61,6 +61,9 @@ class MetaConfig:
     curation: Curation = "uniform"
     curation_floor: float = 0.2
     curation_every: int = 10
+    # truncated backprop: unroll members whose tasks are the same function of (params, batch) together,
+    # vmapped (meta.estimators.TruncatedBackprop); same meta-gradient up to float rounding, fewer calls
+    batch_members: bool = True
 
     def __post_init__(self) -> None:
         check_types(self, "meta")

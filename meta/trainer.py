@@ -69,6 +69,8 @@ def make_estimator(meta: MetaConfig, lopt: LearnedOptimizer, dist) -> Estimator:
                               num_train_tasks=meta.num_train_tasks or None, sampler=sampler)
     if meta.estimator in ("es", "pes"):
         kw.update(sigma=meta.sigma, pairs=meta.pairs)
+    else:
+        kw.update(batch_members=meta.batch_members)
     return ESTIMATORS[meta.estimator](lopt, dist, **kw)
 
 

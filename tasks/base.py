@@ -26,7 +26,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -88,6 +88,15 @@ class Task(ABC):
         """Clip the loss into ``[0, max_loss]`` and map NaN/inf to ``max_loss``."""
         loss = torch.nan_to_num(loss, nan=self.max_loss, posinf=self.max_loss, neginf=self.max_loss)
         return torch.clamp(loss, 0.0, self.max_loss)
+
+    def batch_key(self) -> Hashable | None:
+        """A key equal for two tasks exactly when their ``loss`` and ``normalizer`` are the same function
+        of ``(params, batch)`` with the same parameter and batch shapes (only the data in the batches and
+        the initialisation differ), so meta-training may ``vmap`` them as one (``meta.estimators``'
+        grouped truncated backprop). None (the default): never grouped. A task that keeps anything else
+        the loss reads (a permutation, a noise scale, a reparameterisation) must keep None or put it in
+        the key."""
+        return None
 
     def init_default(self) -> Params:
         """The task's own initialisation (from its config seed)."""

@@ -51,6 +51,13 @@ class ImageConvTask(ImageClassificationTask):
             c = out
         self.features = c * h * w
 
+    def batch_key(self) -> tuple:
+        """Channels, activation, downsampling, batch and image shape, class count: what the loss reads
+        besides ``params`` and the batch's data (the layer plan follows from them)."""
+        act = self.config.get("activation", "relu")
+        return ("image_conv", tuple(self.channels), act, self.downsample, self.batch_size,
+                tuple(self.data.image_shape), self.data.num_classes)
+
     def init(self, generator: torch.Generator) -> Params:
         params: Params = {}
         for i, ((_, cin, _), cout) in enumerate(zip(self.plan, self.channels)):

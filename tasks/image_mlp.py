@@ -71,6 +71,12 @@ class ImageMLPTask(ImageClassificationTask):
         c, h, w = self.data.image_shape
         self.sizes = [c * h * w, *self.hidden, self.data.num_classes]
 
+    def batch_key(self) -> tuple:
+        """Layer sizes, activation, batch and image shape, class count (the loss cap): everything the
+        loss reads besides ``params`` and the batch's data."""
+        return ("image_mlp", tuple(self.sizes), self.config.get("activation", "relu"), self.batch_size,
+                tuple(self.data.image_shape), self.data.num_classes)
+
     def init(self, generator: torch.Generator) -> Params:
         params: Params = {}
         for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):

@@ -44,7 +44,7 @@ from torch.func import grad_and_value, vmap
 from meta.curation import EpisodeRecord, TaskSampler, UniformTaskSampler, region_of
 from meta.unroll import META_LOSSES, autograd_grad_and_value, meta_term, unroll
 from optimizers.base import LearnableOptimizer
-from optimizers.tree import Params, all_finite, detach, stack, tree_leaves, tree_map
+from optimizers.tree import Params, all_finite, detach, stack, tree_leaves, tree_map, unstack
 from tasks.base import Task, TaskDistribution, build_task, seeded
 
 Tree = Any
@@ -343,6 +343,12 @@ def _numel(tree: Tree) -> int:
     return sum(t.numel() for t in tree_leaves(tree))
 
 
+def _stack_batches(per_member: tuple[list, ...]) -> list[tuple[Tensor, ...]]:
+    """Members' batch sequences (one list of ``(x, y, ...)`` per member) as one sequence whose every
+    batch tensor has a leading member axis."""
+    return [tuple(torch.stack(parts) for parts in zip(*step)) for step in zip(*per_member)]
+
+
 class TruncatedBackprop(Estimator):
     """Exact gradient of each truncation's meta-loss. ``engine="autograd"`` (default, faster on CPU,
     see meta/unroll.py) or ``"func"`` (nested torch.func.grad); both give the same gradient.
@@ -395,11 +401,8 @@ class TruncatedBackprop(Estimator):
         ms = [state.members[i] for i in group]
         task = self.task_of(ms[0])
         n = self.steps_this_truncation(ms[0])
-        tv = [self.batches(i, m, n) for i, m in zip(group, ms)]
-        train = [tuple(torch.stack(parts) for parts in zip(*(t[k] for t, _ in tv))) for k in range(n + 1)]
-        valid = None
-        if tv[0][1] is not None:
-            valid = [tuple(torch.stack(parts) for parts in zip(*(v[k] for _, v in tv))) for k in range(n + 1)]
+        train, valid = zip(*(self.batches(i, m, n) for i, m in zip(group, ms)))
+        train, valid = _stack_batches(train), None if valid[0] is None else _stack_batches(valid)
         leaves = {k: v.detach().requires_grad_() for k, v in theta.items()}
 
         def f(params, opt_state, tb, vb):
@@ -430,12 +433,11 @@ class TruncatedBackprop(Estimator):
             if grad is None and any(flags):
                 continue  # a used member's gradient is not finite: redo them one at a time, below
             first = True
-            for j, i in enumerate(group):
+            for j, (i, p, s) in enumerate(zip(group, unstack(params, len(group)), unstack(opt_state, len(group)))):
                 g = None
                 if flags[j]:  # the group's sum goes with its first used member, {} with the others
                     g, first = (grad if first else {}), False
-                outcomes[i] = (g, ml[j], tree_map(lambda t: t[j], params), tree_map(lambda t: t[j], opt_state),
-                               losses[j], flags[j])
+                outcomes[i] = (g, ml[j], p, s, losses[j], flags[j])
         for i in ids:
             before, t0 = state.members[i], state.members[i].t
             if i in outcomes:

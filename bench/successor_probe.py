@@ -17,6 +17,7 @@ for one arm, with one thing changed at a time, then scored on the governor's hel
                                                                # likewise)
     python bench/successor_probe.py arm=candidate fresh=1      # the successor starts from a fresh initialisation
                                                                # (generations' --gen.start fresh), not the incumbent
+    python bench/successor_probe.py arm=candidate population=16 steps=75   # less meta-gradient noise, same cost
     python bench/successor_probe.py arm=candidate ckpt=runs/default/checkpoint
 
 ``ckpt`` (default ``runs/default/checkpoint``) is the incumbent: the weights the successor starts from and, for
@@ -129,7 +130,8 @@ if arm == "candidate":
     outer = Scheduled(scale_updates(bound, scale), warmdown=bool(opts.get("warmdown")))
 else:
     outer = Scheduled(Adam(lr=cfg.meta.outer_lr), warmdown=cfg.meta.outer_decay > 0)
-run_cfg = replace(cfg, meta=replace(cfg.meta, outer_steps=steps, seed=cfg.meta.seed + g), wandb="disabled",
+population = int(opts.get("population", cfg.meta.population))
+run_cfg = replace(cfg, meta=replace(cfg.meta, outer_steps=steps, seed=cfg.meta.seed + g, population=population), wandb="disabled",
                   out_dir=str(Path("runs/successor_probe") / "work"))
 start = theta
 if opts.get("fresh"):  # as generations' _start does under gen.start fresh

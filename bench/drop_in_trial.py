@@ -13,17 +13,18 @@ validation loss in eval mode. Baselines: ``torch.optim.Adam`` at its default ``l
 tries first) and Adam tuned per task, seed and horizon over the governor's grid (1e-4..1e-1, best final
 training loss: an oracle). The learned optimizer gets ``total_steps=T`` and nothing else (its own
 learned rate, no tuning). Scores are ``log(L_learned / L_adam)`` of final losses floored at 1e-3 x
-the loss at initialisation (the governor's floor; negative: the learned optimizer is better); a run whose loss goes non-finite counts as diverged and is left out of
-the means (the count is in the table).
+the loss at initialisation (the governor's floor; negative: the learned optimizer is better); a run
+whose loss goes non-finite counts as diverged and is left out of the means (the count is in the table).
 
 The tasks are out of the meta-training distribution (8x8-digit MLPs of width 16-64) on purpose: a
-network 10x wider than any meta-training layer, a recurrent character-level language model, a
-convolutional net with batch norm, an autoencoder, a small regression MLP and a convex problem. Writes
-``OUT/results.json`` and ``OUT/results.md``.
+network 10x wider than any meta-training layer, a recurrent character-level language model (on a fixed
+text, ``bench/data/char_corpus.txt``), a convolutional net with batch norm, an autoencoder, a small
+regression MLP and a convex problem. Writes ``OUT/results.json`` and ``OUT/results.md``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -40,9 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from meta import stats  # noqa: E402
 from optimizers import LearnedOptimizerTorch  # noqa: E402
-from tasks.data import load_digits  # noqa: E402
+from tasks.data import get_dataset  # noqa: E402
 
 ADAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # the governor's (meta.config GovernorConfig.adam_lrs)
+# the language model's text: a fixed snapshot (this repository's README at commit 734106f), so that every run
+# reads the same characters whatever the README says today
+CORPUS = ROOT / "bench" / "data" / "char_corpus.txt"
 TASKS = ("logreg_synth", "sine_regression", "digits_autoencoder", "digits_bn_cnn", "char_gru", "wide_spirals")
 
 
@@ -57,7 +61,8 @@ def _spirals(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
 class CharGRU(nn.Module):
     def __init__(self, vocab: int):
         super().__init__()
-        self.embed, self.rnn, self.out = nn.Embedding(vocab, 32), nn.GRU(32, 128, batch_first=True), nn.Linear(128, vocab)
+        self.embed, self.rnn = nn.Embedding(vocab, 32), nn.GRU(32, 128, batch_first=True)
+        self.out = nn.Linear(128, vocab)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.rnn(self.embed(x))[0])
@@ -65,6 +70,16 @@ class CharGRU(nn.Module):
 
 def _sequence_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@functools.lru_cache(maxsize=1)
+def _char_windows(length: int = 48) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(inputs, next-character targets, vocabulary size): :data:`CORPUS` cut into windows of ``length``."""
+    text = CORPUS.read_text(encoding="utf8")
+    index = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([index[c] for c in text])
+    n = (len(ids) - 1) // length
+    return ids[:n * length].view(n, length), ids[1:n * length + 1].view(n, length), len(index)
 
 
 def make_task(name: str, seed: int) -> tuple[nn.Module, Callable, tuple[torch.Tensor, ...], int]:
@@ -83,7 +98,7 @@ def make_task(name: str, seed: int) -> tuple[nn.Module, Callable, tuple[torch.Te
         model = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
         return model, F.mse_loss, (x, y, xv, torch.sin(3 * xv)), 64
     if name in ("digits_autoencoder", "digits_bn_cnn"):
-        d = load_digits()
+        d = get_dataset("digits")  # the embedded 8x8 digits (cached)
         if name == "digits_autoencoder":  # reconstruction (MSE) through an 8-wide bottleneck
             x, xv = d.x_train.flatten(1), d.x_valid.flatten(1)
             model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 32),
@@ -93,16 +108,11 @@ def make_task(name: str, seed: int) -> tuple[nn.Module, Callable, tuple[torch.Te
                               nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
         return model, F.cross_entropy, (d.x_train, d.y_train, d.x_valid, d.y_valid), 64
-    if name == "char_gru":  # next-character prediction on this repository's README, 48-character windows
-        text = (ROOT / "README.md").read_text(encoding="utf8")
-        vocab = sorted(set(text))
-        ids = torch.tensor([vocab.index(c) for c in text])
-        n, length = (len(ids) - 1) // 48, 48
-        xs = torch.stack([ids[i * length:(i + 1) * length] for i in range(n)])
-        ys = torch.stack([ids[i * length + 1:(i + 1) * length + 1] for i in range(n)])
-        perm = torch.randperm(n, generator=g)
-        nv = n // 10
-        return CharGRU(len(vocab)), _sequence_ce, (xs[perm[nv:]], ys[perm[nv:]], xs[perm[:nv]], ys[perm[:nv]]), 32
+    if name == "char_gru":  # next-character prediction on :data:`CORPUS`, 48-character windows
+        xs, ys, vocab = _char_windows()
+        perm = torch.randperm(len(xs), generator=g)
+        nv = len(xs) // 10
+        return CharGRU(vocab), _sequence_ce, (xs[perm[nv:]], ys[perm[nv:]], xs[perm[:nv]], ys[perm[:nv]]), 32
     if name == "wide_spirals":  # two spirals, ReLU MLP 640 wide: 10x the widest meta-training layer
         x, y = _spirals(2048, g)
         xv, yv = _spirals(1024, g)
@@ -176,9 +186,15 @@ def write_report(rows: list[dict], out: Path, checkpoint: str) -> None:
     keys = sorted({(r["task"], r["T"]) for r in rows}, key=lambda k: (TASKS.index(k[0]) if k[0] in TASKS else 99, k[1]))
     for task, T in keys:
         rs = [r for r in rows if r["task"] == task and r["T"] == T]
-        col = lambda ref, i: _summary([_log_ratio(r["learned"][i], r[ref][i], r["initial"][i]) for r in rs])  # noqa: E731
+
+        def col(ref: str, i: int) -> str:  # i: 0 training, 1 validation loss
+            return _summary([_log_ratio(r["learned"][i], r[ref][i], r["initial"][i]) for r in rs])
+
+        def diverged(key: str) -> int:
+            return sum(not math.isfinite(r[key][0]) for r in rs)
+
         lrs = ", ".join(f"{r['tuned_lr']:g}" for r in rs)
-        div = f"{sum(not math.isfinite(r['learned'][0]) for r in rs)} / {sum(not math.isfinite(r['adam_tuned'][0]) for r in rs)}"
+        div = f"{diverged('learned')} / {diverged('adam_tuned')}"
         lines.append(f"| {task} | {T} | {col('adam_tuned', 0)} | {col('adam_tuned', 1)} | {col('adam_default', 0)} "
                      f"| {col('adam_default', 1)} | {lrs} | {div} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
@@ -221,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         finite = [lr for lr in ADAM_GRID if math.isfinite(adam[lr][0])]
         best = min(finite, key=lambda lr: adam[lr][0]) if finite else ADAM_GRID[0]
         row = dict(task=task, T=T, seed=seed, learned=train(task, seed, T, learned), adam_tuned=adam[best],
-                   tuned_lr=best, initial=initial_losses(task, seed), adam_default=adam[1e-3], adam_all={f"{lr:g}": adam[lr] for lr in ADAM_GRID})
+                   tuned_lr=best, initial=initial_losses(task, seed), adam_default=adam[1e-3],
+                   adam_all={f"{lr:g}": adam[lr] for lr in ADAM_GRID})
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(f"{task} T={T} seed={seed}: learned {row['learned'][0]:.4g} / {row['learned'][1]:.4g}, tuned Adam "

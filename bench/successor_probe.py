@@ -131,8 +131,8 @@ if arm == "candidate":
 else:
     outer = Scheduled(Adam(lr=cfg.meta.outer_lr), warmdown=cfg.meta.outer_decay > 0)
 population = int(opts.get("population", cfg.meta.population))
-run_cfg = replace(cfg, meta=replace(cfg.meta, outer_steps=steps, seed=cfg.meta.seed + g, population=population), wandb="disabled",
-                  out_dir=str(Path("runs/successor_probe") / "work"))
+run_cfg = replace(cfg, meta=replace(cfg.meta, outer_steps=steps, seed=cfg.meta.seed + g, population=population),
+                  wandb="disabled", out_dir=str(Path("runs/successor_probe") / "work"))
 start = theta
 if opts.get("fresh"):  # as generations' _start does under gen.start fresh
     start = L.LearnedOptimizer(cfg.lo).init_theta(seeded("theta", cfg.meta.seed + g))

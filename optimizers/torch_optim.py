@@ -422,9 +422,10 @@ class LearnedOptimizerTorch(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Tensor | float | None = None):
         """One step. A learned optimizer with loss features (``loss_features="ema"``; the shipped
-        ``default`` has none and ignores the loss) reads the run's loss: from ``closure()`` as in ``torch.optim``, or, without a closure,
-        from ``loss=`` (the value you called ``backward()`` on). Without either its loss inputs stay
-        where they were (zero in a run that never gave one), which it was not meta-trained for."""
+        ``default`` has none and ignores the loss) reads the run's loss: from ``closure()`` as in
+        ``torch.optim``, or, without a closure, from ``loss=`` (the value you called ``backward()`` on).
+        Without either its loss inputs stay where they were (zero in a run that never gave one), which
+        it was not meta-trained for."""
         if closure is not None:
             if loss is not None:
                 raise ValueError("give the loss through closure or loss=, not both")
